@@ -1,0 +1,124 @@
+// Philox4x32-10 (Salmon et al., SC'11), written once for host and device.
+// The CPU loops and the CUDA kernels both call these functions, so the CPU
+// test suite executes the exact arithmetic the GPU runs.
+#pragma once
+
+#include <cstdint>
+
+#if !defined(__CUDACC__) && defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__CUDACC__)
+#define FD_HD __host__ __device__ __forceinline__
+#else
+#define FD_HD inline __attribute__((always_inline))
+#endif
+
+namespace fused_dropout {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
+
+struct PhiloxKey {
+  uint32_t k0, k1;
+};
+
+struct PhiloxBlock {
+  uint32_t w[4];
+};
+
+FD_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  hi = __umulhi(a, b);
+  lo = a * b;
+#else
+  const uint64_t product = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(product >> 32);
+  lo = static_cast<uint32_t>(product);
+#endif
+}
+
+#if !defined(__CUDACC__)
+// The CPU runs 16 counters at once: the same round arithmetic on a vector of
+// 16 words (GCC/Clang vector extensions; AVX-512, AVX2 or SSE as the target allows).
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
+
+inline void mulhilo32(u32x16 a, uint32_t b, u32x16& hi, u32x16& lo) {
+  const u64x8 wide = reinterpret_cast<u64x8&>(a);
+#if defined(__AVX512F__)
+  // vpmuludq: GCC emits the slow 64x64 vpmullq for the generic form below.
+  const __m512i m = _mm512_set1_epi64(b);
+  const u64x8 even = reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide), m));
+  const u64x8 odd =
+      reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide >> 32), m));
+#else
+  const u64x8 even = (wide & 0xFFFFFFFFu) * b;  // products of lanes 0, 2, 4, ...
+  const u64x8 odd = (wide >> 32) * b;          // products of lanes 1, 3, 5, ...
+#endif
+  const u64x8 lo64 = (even & 0xFFFFFFFFu) | (odd << 32);
+  const u64x8 hi64 = (even >> 32) | (odd & 0xFFFFFFFF00000000u);
+  lo = reinterpret_cast<const u32x16&>(lo64);
+  hi = reinterpret_cast<const u32x16&>(hi64);
+}
+#endif
+
+// One Philox round on a counter held in four words; U is uint32_t, or a vector
+// of independent counters on the CPU.
+template <typename U>
+FD_HD void philox_round(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1) {
+  U hi0, lo0, hi1, lo1;
+  mulhilo32(c0, kPhiloxM0, hi0, lo0);
+  mulhilo32(c2, kPhiloxM1, hi1, lo1);
+  const U n0 = hi1 ^ c1 ^ k0;
+  const U n2 = hi0 ^ c3 ^ k1;
+  c0 = n0;
+  c1 = lo1;
+  c2 = n2;
+  c3 = lo0;
+}
+
+// The key of round r (0-based): the Weyl sequence bump applied r times.
+FD_HD PhiloxKey philox_round_key(PhiloxKey key, int r) {
+  return {key.k0 + kPhiloxW0 * static_cast<uint32_t>(r),
+          key.k1 + kPhiloxW1 * static_cast<uint32_t>(r)};
+}
+
+FD_HD PhiloxBlock philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                PhiloxKey key) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const PhiloxKey rk = philox_round_key(key, r);
+    philox_round(c0, c1, c2, c3, rk.k0, rk.k1);
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+// The stream of the contract: the decision word of mask element m is word m % 4
+// of philox(key = seed, counter = (offset / 4, m / 4)). This is cuRAND's
+// curand_init(seed, subsequence = m / 4, offset) followed by curand4().
+struct PhiloxStream {
+  PhiloxKey key;
+  uint32_t o_lo, o_hi;
+
+  FD_HD static PhiloxStream make(uint64_t seed, uint64_t offset) {
+    const uint64_t o = offset / 4;
+    return {{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)},
+            static_cast<uint32_t>(o),
+            static_cast<uint32_t>(o >> 32)};
+  }
+
+  // The four words of counter group g (mask elements 4g .. 4g+3).
+  FD_HD PhiloxBlock group(uint64_t g) const {
+    return philox4x32_10(o_lo, o_hi, static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
+                         key);
+  }
+};
+
+}  // namespace fused_dropout

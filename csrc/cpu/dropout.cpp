@@ -1,0 +1,219 @@
+// CPU loops of every masked op: at::parallel_for over blocks of elements,
+// each block drawing its Philox words in a batch the compiler vectorizes and
+// then applying core/masked_op.h's per-element arithmetic.
+#include "cpu/dropout.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <type_traits>
+#include <vector>
+
+namespace fused_dropout {
+namespace {
+
+// Elements per Philox batch: 16 independent counters, 4 words each.
+constexpr int64_t kLanes = 16;
+constexpr int64_t kBlock = 4 * kLanes;
+// Work per parallel task; below this the call runs inline on one thread.
+constexpr int64_t kGrainElements = 1 << 15;
+
+// How a dtype is stored and converted on the CPU. bfloat16 goes through the
+// core's bit-level conversion, which the compiler vectorizes (c10's does not).
+template <typename scalar_t>
+struct Storage {
+  using raw = scalar_t;
+  using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  static acc load(raw v) { return static_cast<acc>(v); }
+  static raw store(acc v) { return static_cast<raw>(v); }
+};
+
+template <>
+struct Storage<c10::BFloat16> {
+  using raw = uint16_t;
+  using acc = float;
+  static acc load(raw v) { return bf16_bits_to_float(v); }
+  static raw store(acc v) { return float_to_bf16_bits(v); }
+};
+
+// keep[j] for mask elements m0 + j, j < kBlock; m0 is a multiple of 4. The 16
+// counter groups of the block run as one vector through the shared Philox round.
+void draw_keep_block(const PhiloxStream& stream, const MaskedAffine& a, int64_t m0,
+                     uint8_t* keep) {
+  if (a.keep_all || a.threshold == 0) {
+    std::fill(keep, keep + kBlock, static_cast<uint8_t>(a.keep_all));
+    return;
+  }
+  const uint64_t g0 = static_cast<uint64_t>(m0) / 4;
+  const uint32_t g0_lo = static_cast<uint32_t>(g0);
+  const u32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  // Built with vector ops: lane-wise stores followed by a vector load stall.
+  u32x16 c0 = lane * 0u + stream.o_lo;
+  u32x16 c1 = lane * 0u + stream.o_hi;
+  u32x16 c2 = lane + g0_lo;
+  u32x16 c3 = static_cast<uint32_t>(g0 >> 32) - reinterpret_cast<u32x16>(c2 < g0_lo);  // carry
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const PhiloxKey rk = philox_round_key(stream.key, r);
+    philox_round(c0, c1, c2, c3, rk.k0, rk.k1);
+  }
+  // Word j of group l decides element 4l + j.
+#if defined(__AVX512BW__) && defined(__BMI2__)
+  const __m512i threshold = _mm512_set1_epi32(static_cast<int>(a.threshold));
+  uint64_t bits = 0;
+  const u32x16 words[4] = {c0, c1, c2, c3};
+  for (int j = 0; j < 4; ++j) {
+    const uint64_t m = _mm512_cmplt_epu32_mask(reinterpret_cast<__m512i>(words[j]), threshold);
+    bits |= _pdep_u64(m, 0x1111111111111111ull << j);
+  }
+  _mm512_storeu_si512(keep, _mm512_maskz_set1_epi8(bits, 1));
+#else
+  const u32x16 words[4] = {c0, c1, c2, c3};
+  for (int l = 0; l < kLanes; ++l) {
+    for (int j = 0; j < 4; ++j) keep[4 * l + j] = keep_word(words[j][l], a.threshold);
+  }
+#endif
+}
+
+// The operands of one call, typed.
+template <typename scalar_t>
+struct Operands {
+  using S = Storage<scalar_t>;
+  const typename S::raw* x;
+  const typename S::raw* residual;
+  const typename S::raw* bias;
+  typename S::raw* out;
+  int64_t bias_len;
+  AffineConsts<typename S::acc> consts;
+};
+
+// Elements [i, i + len): keep flag keep[k] (kPerElementKeep) or keep[0] for all.
+// The bias, if any, starts at column col and does not wrap inside the segment.
+template <bool kPerElementKeep, bool kResidual, bool kBias, bool kShift, typename scalar_t>
+void apply_segment(const Operands<scalar_t>& o, int64_t i, int64_t len, const uint8_t* keep,
+                   int64_t col) {
+  using S = Storage<scalar_t>;
+  // Locals, not loads through `o`: a store to out could alias `o` as far as
+  // the compiler knows, which would stop it from vectorizing the loop.
+  const AffineConsts<typename S::acc> consts = o.consts;
+  const auto* x = o.x + i;
+  const auto* residual = o.residual + i;
+  const auto* bias = o.bias + col;
+  auto* out = o.out + i;  // may be x itself (in place): each element is read, then written
+#if defined(__clang__)
+#pragma clang loop vectorize(assume_safety)
+#elif defined(__GNUC__)
+#pragma GCC ivdep
+#endif
+  for (int64_t k = 0; k < len; ++k) {
+    auto v = S::load(x[k]);
+    if constexpr (kBias) v = add_rn(v, S::load(bias[k]));
+    auto y = masked_value<kShift>(static_cast<bool>(keep[kPerElementKeep ? k : 0]), v, consts);
+    if constexpr (kResidual) y = add_rn(y, S::load(residual[k]));
+    out[k] = S::store(y);
+  }
+}
+
+// Element-wise mask: one Philox batch per block of kBlock elements.
+template <bool kResidual, bool kBias, bool kShift, typename scalar_t>
+void run_elementwise(const Operands<scalar_t>& o, const MaskedOpArgs& a,
+                     const PhiloxStream& stream) {
+  const int64_t nblocks = (a.numel + kBlock - 1) / kBlock;
+  at::parallel_for(0, nblocks, kGrainElements / kBlock, [&](int64_t b0, int64_t b1) {
+    alignas(64) uint8_t keep[kBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = b * kBlock;
+      const int64_t n = std::min(kBlock, a.numel - e0);
+      draw_keep_block(stream, a.affine, e0, keep);
+      if constexpr (!kBias) {
+        apply_segment<true, kResidual, false, kShift>(o, e0, n, keep, 0);
+      } else {  // split at row ends so the bias never wraps inside a segment
+        for (int64_t k = 0; k < n;) {
+          const int64_t col = (e0 + k) % o.bias_len;
+          const int64_t len = std::min(n - k, o.bias_len - col);
+          apply_segment<true, kResidual, true, kShift>(o, e0 + k, len, keep + k, col);
+          k += len;
+        }
+      }
+    }
+  });
+}
+
+// Mask over leading dims: draw all mask_numel flags once (one Philox word per
+// mask element), then stream the elements in runs that share a flag
+// (contiguous) or walk the channels of each position (channels-last).
+template <bool kResidual, bool kShift, typename scalar_t>
+void run_broadcast(const Operands<scalar_t>& o, const MaskedOpArgs& a,
+                   const PhiloxStream& stream) {
+  const MaskMap& map = a.map;
+  const int64_t nblocks = (map.mask_numel + kBlock - 1) / kBlock;
+  std::vector<uint8_t> keep(nblocks * kBlock);
+  at::parallel_for(0, nblocks, kGrainElements / kBlock, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) draw_keep_block(stream, a.affine, b * kBlock, &keep[b * kBlock]);
+  });
+  at::parallel_for(0, a.numel, kGrainElements, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1;) {
+      const int64_t outer = i / map.run;
+      if (map.period == 1) {
+        const int64_t len = std::min(i1, (outer + 1) * map.run) - i;
+        apply_segment<false, kResidual, false, kShift>(o, i, len, &keep[outer * map.stride], 0);
+        i += len;
+      } else {
+        const int64_t c = i % map.period;
+        const int64_t len = std::min(i1 - i, map.period - c);
+        apply_segment<true, kResidual, false, kShift>(o, i, len, &keep[outer * map.stride + c],
+                                                      0);
+        i += len;
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void run_typed(const MaskedOpArgs& a, const PhiloxStream& stream) {
+  using S = Storage<scalar_t>;
+  using raw = typename S::raw;
+  const Operands<scalar_t> o{static_cast<const raw*>(a.input),
+                             static_cast<const raw*>(a.residual),
+                             static_cast<const raw*>(a.bias),
+                             static_cast<raw*>(a.out),
+                             a.bias_len,
+                             AffineConsts<typename S::acc>::make(a.affine)};
+  // Alpha dropout (the only op with a shift) has neither residual nor bias.
+  const bool residual = a.residual != nullptr;
+  if (!a.map.elementwise()) {
+    if (a.affine.has_shift) return run_broadcast<false, true>(o, a, stream);
+    residual ? run_broadcast<true, false>(o, a, stream) : run_broadcast<false, false>(o, a, stream);
+  } else if (a.affine.has_shift) {
+    run_elementwise<false, false, true>(o, a, stream);
+  } else if (a.bias != nullptr) {
+    residual ? run_elementwise<true, true, false>(o, a, stream)
+             : run_elementwise<false, true, false>(o, a, stream);
+  } else {
+    residual ? run_elementwise<true, false, false>(o, a, stream)
+             : run_elementwise<false, false, false>(o, a, stream);
+  }
+}
+
+}  // namespace
+
+void masked_op_cpu(const MaskedOpArgs& args, uint64_t seed, uint64_t offset) {
+  if (args.numel == 0) return;
+  const PhiloxStream stream = PhiloxStream::make(seed, offset);
+  switch (args.dtype) {
+    case DType::kFloat:
+      return run_typed<float>(args, stream);
+    case DType::kDouble:
+      return run_typed<double>(args, stream);
+    case DType::kHalf:
+      return run_typed<c10::Half>(args, stream);
+    case DType::kBFloat16:
+      return run_typed<c10::BFloat16>(args, stream);
+  }
+}
+
+}  // namespace fused_dropout

@@ -1,0 +1,15 @@
+"""fused_dropout: fused, mask-free dropout kernels for PyTorch (CPU and CUDA).
+
+``import fused_dropout`` builds the C++/CUDA extension on first use (cached) and
+registers the ops under ``torch.ops.fused_dropout``.
+"""
+
+from fused_dropout import _loader
+
+_loader.load()
+
+from fused_dropout import functional, ops  # noqa: E402  (needs the loaded ops)
+from fused_dropout.modules import Dropout  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["Dropout", "functional", "ops"]

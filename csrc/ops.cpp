@@ -17,6 +17,7 @@
 
 #ifdef FUSED_DROPOUT_WITH_CUDA
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -178,8 +179,9 @@ void launch(const MaskedOpArgs& args, const Tensor& input, const RngSource& rng,
   }
   const int64_t* pair_in = rng.pair ? rng.pair->const_data_ptr<int64_t>() : nullptr;
   if (!rng.pair) pair = at::zeros({2}, input.options().dtype(at::kLong));
-  masked_op_cuda(args, philox, pair_in, rng.pair ? nullptr : pair.mutable_data_ptr<int64_t>(),
-                 c10::cuda::getCurrentCUDAStream(input.device().index()).stream());
+  C10_CUDA_CHECK(masked_op_cuda(args, philox, pair_in,
+                                rng.pair ? nullptr : pair.mutable_data_ptr<int64_t>(),
+                                c10::cuda::getCurrentCUDAStream(input.device().index()).stream()));
 #endif
 }
 

@@ -9,7 +9,31 @@ from fused_dropout import _loader
 _loader.load()
 
 from fused_dropout import functional, ops  # noqa: E402  (needs the loaded ops)
-from fused_dropout.modules import Dropout  # noqa: E402
+from fused_dropout.modules import (  # noqa: E402
+    AlphaDropout,
+    BiasDropoutAdd,
+    Dropout,
+    Dropout1d,
+    Dropout2d,
+    Dropout3d,
+    DropoutAdd,
+    DropPath,
+    FeatureAlphaDropout,
+    StochasticDepth,
+)
 
 __version__ = "0.1.0"
-__all__ = ["Dropout", "functional", "ops"]
+__all__ = [
+    "AlphaDropout",
+    "BiasDropoutAdd",
+    "DropPath",
+    "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "DropoutAdd",
+    "FeatureAlphaDropout",
+    "StochasticDepth",
+    "functional",
+    "ops",
+]

@@ -428,6 +428,14 @@ std::tuple<Tensor, Tensor> dropout_autograd(const Tensor& input, double p, int64
 Tensor dropout_inplace_autograd(Tensor& input, double p, int64_t mask_ndim, bool scale_by_keep,
                                 bool alpha, optional<int64_t> seed, optional<int64_t> offset,
                                 optional<at::Generator> generator) {
+  // torch's in-place checks, before anything is written.
+  if (input.requires_grad() && at::GradMode::is_enabled()) {
+    TORCH_CHECK(!(input.is_view() && input._base().is_leaf()),
+                "a view of a leaf Variable that requires grad is being used in an in-place "
+                "operation.");
+    TORCH_CHECK(!input.is_leaf(),
+                "a leaf Variable that requires grad is being used in an in-place operation.");
+  }
   return DropoutInplaceFunction::apply(input, p, mask_ndim, scale_by_keep, alpha, seed, offset,
                                        generator)[1];
 }

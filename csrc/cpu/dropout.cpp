@@ -145,22 +145,27 @@ void run_elementwise(const Operands<scalar_t>& o, const MaskedOpArgs& a,
 
 // Mask over leading dims: draw all mask_numel flags once (one Philox word per
 // mask element), then stream the elements in runs that share a flag
-// (contiguous) or walk the channels of each position (channels-last).
-template <bool kResidual, bool kShift, typename scalar_t>
+// (contiguous) or walk the channels of each position (channels-last; never
+// with a bias, which needs the contiguous layout).
+template <bool kResidual, bool kBias, bool kShift, typename scalar_t>
 void run_broadcast(const Operands<scalar_t>& o, const MaskedOpArgs& a,
                    const PhiloxStream& stream) {
   const MaskMap& map = a.map;
   const int64_t nblocks = (map.mask_numel + kBlock - 1) / kBlock;
   std::vector<uint8_t> keep(nblocks * kBlock);
   at::parallel_for(0, nblocks, kGrainElements / kBlock, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) draw_keep_block(stream, a.affine, b * kBlock, &keep[b * kBlock]);
+    for (int64_t b = b0; b < b1; ++b) {
+      draw_keep_block(stream, a.affine, b * kBlock, &keep[b * kBlock]);
+    }
   });
   at::parallel_for(0, a.numel, kGrainElements, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1;) {
       const int64_t outer = i / map.run;
       if (map.period == 1) {
-        const int64_t len = std::min(i1, (outer + 1) * map.run) - i;
-        apply_segment<false, kResidual, false, kShift>(o, i, len, &keep[outer * map.stride], 0);
+        int64_t len = std::min(i1, (outer + 1) * map.run) - i;
+        const int64_t col = kBias ? i % o.bias_len : 0;
+        if (kBias) len = std::min(len, o.bias_len - col);
+        apply_segment<false, kResidual, kBias, kShift>(o, i, len, &keep[outer * map.stride], col);
         i += len;
       } else {
         const int64_t c = i % map.period;
@@ -183,11 +188,14 @@ void run_typed(const MaskedOpArgs& a, const PhiloxStream& stream) {
                              static_cast<raw*>(a.out),
                              a.bias_len,
                              AffineConsts<typename S::acc>::make(a.affine)};
-  // Alpha dropout (the only op with a shift) has neither residual nor bias.
+  // Alpha dropout (the only op with a shift) has neither residual nor bias; a bias
+  // comes only with a residual (dropout_add).
   const bool residual = a.residual != nullptr;
   if (!a.map.elementwise()) {
-    if (a.affine.has_shift) return run_broadcast<false, true>(o, a, stream);
-    residual ? run_broadcast<true, false>(o, a, stream) : run_broadcast<false, false>(o, a, stream);
+    if (a.affine.has_shift) return run_broadcast<false, false, true>(o, a, stream);
+    if (a.bias != nullptr) return run_broadcast<true, true, false>(o, a, stream);
+    residual ? run_broadcast<true, false, false>(o, a, stream)
+             : run_broadcast<false, false, false>(o, a, stream);
   } else if (a.affine.has_shift) {
     run_elementwise<false, false, true>(o, a, stream);
   } else if (a.bias != nullptr) {

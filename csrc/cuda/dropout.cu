@@ -241,12 +241,14 @@ cudaError_t launch_typed(const MaskedOpArgs& a, at::PhiloxCudaState philox,
               philox,
               pair_in,
               pair_out};
-  // Alpha dropout (the only op with a shift) has neither residual nor bias,
-  // and a bias comes only with an element-wise mask.
+  // Alpha dropout (the only op with a shift) has neither residual nor bias; a
+  // bias comes only with a residual (dropout_add).
   const bool residual = a.residual != nullptr;
   if (!a.map.elementwise()) {
     if (a.affine.has_shift) {
       launch_variant<D, false, false, false, true>(p, stream);
+    } else if (a.bias != nullptr) {
+      launch_variant<D, false, true, true, false>(p, stream);
     } else if (residual) {
       launch_variant<D, false, true, false, false>(p, stream);
     } else {

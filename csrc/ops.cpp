@@ -69,11 +69,11 @@ void check_device(const Tensor& t, const char* op) {
 
 // A second operand must match the input exactly: no broadcasting, no promotion.
 void check_same(const Tensor& input, const Tensor& other, const char* name, const char* op) {
-  TORCH_CHECK(other.device() == input.device(), "fused_dropout.", op, ": ", name,
-              " is on ", other.device(), " but input is on ", input.device());
+  TORCH_CHECK(other.device() == input.device(), "fused_dropout.", op, ": ", name, " is on ",
+              other.device(), " but input is on ", input.device());
   TORCH_CHECK_TYPE(other.scalar_type() == input.scalar_type(), "fused_dropout.", op, ": ", name,
-                   " has dtype ", other.scalar_type(), " but input has dtype ",
-                   input.scalar_type(), " (cast one of them; no type promotion is done)");
+                   " has dtype ", other.scalar_type(), " but input has dtype ", input.scalar_type(),
+                   " (cast one of them; no type promotion is done)");
   TORCH_CHECK(other.sizes() == input.sizes(), "fused_dropout.", op, ": ", name, " has shape ",
               other.sizes(), " but input has shape ", input.sizes());
 }
@@ -89,7 +89,7 @@ int64_t mask_dims(const Tensor& input, int64_t mask_ndim, const char* op) {
 
 // Where the (seed, offset) pair of one call comes from.
 struct RngSource {
-  optional<int64_t> seed, offset;    // explicit pair
+  optional<int64_t> seed, offset;     // explicit pair
   optional<at::Generator> generator;  // else draw from this or the default generator
   const Tensor* pair = nullptr;       // backward: the pair the forward used
 };
@@ -169,8 +169,8 @@ void launch(const MaskedOpArgs& args, const Tensor& input, const RngSource& rng,
   c10::cuda::CUDAGuard guard(input.device());
   at::PhiloxCudaState philox(0, 0);
   if (rng.seed) {
-    philox = at::PhiloxCudaState(static_cast<uint64_t>(*rng.seed),
-                                 static_cast<uint64_t>(*rng.offset));
+    philox =
+        at::PhiloxCudaState(static_cast<uint64_t>(*rng.seed), static_cast<uint64_t>(*rng.offset));
   } else if (draw && !rng.pair) {
     auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
         rng.generator, at::cuda::detail::getDefaultCUDAGenerator(input.device().index()));
@@ -205,8 +205,8 @@ Tensor run_masked(const Tensor& input, const optional<Tensor>& residual,
     x = input.contiguous();
     if (residual) r = residual->contiguous();
     o = at::empty(input.sizes(), input.options());
-    args.map = *direct_map(x, r.defined() ? optional<Tensor>(r) : std::nullopt, bias.has_value(),
-                           k);
+    args.map =
+        *direct_map(x, r.defined() ? optional<Tensor>(r) : std::nullopt, bias.has_value(), k);
   }
   if (bias) {
     b = bias->contiguous();
@@ -236,9 +236,8 @@ std::tuple<Tensor, Tensor> dropout_impl(const Tensor& input, double p, int64_t m
   check_rng(rng, input, "dropout");
   const int64_t k = mask_dims(input, mask_ndim, "dropout");
   Tensor out = at::empty_like(input);
-  Tensor pair =
-      run_masked(input, std::nullopt, std::nullopt, out, k,
-                 make_affine(p, scale_by_keep, alpha, /*backward=*/false), rng);
+  Tensor pair = run_masked(input, std::nullopt, std::nullopt, out, k,
+                           make_affine(p, scale_by_keep, alpha, /*backward=*/false), rng);
   return {out, pair};
 }
 
@@ -282,8 +281,9 @@ std::tuple<Tensor, Tensor> dropout_add_impl(const Tensor& input, const Tensor& r
   check_same(input, residual, "residual", "dropout_add");
   const int64_t k = mask_dims(input, mask_ndim, "dropout_add");
   if (bias) {
-    TORCH_CHECK(input.dim() >= 1, "fused_dropout.dropout_add: a bias needs an input with at "
-                                  "least one dimension");
+    TORCH_CHECK(input.dim() >= 1,
+                "fused_dropout.dropout_add: a bias needs an input with at "
+                "least one dimension");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == input.size(-1),
                 "fused_dropout.dropout_add: bias must be 1-D with input.size(-1) = ",
                 input.size(-1), " elements, got shape ", bias->sizes());
@@ -349,7 +349,13 @@ struct DropoutFunction : torch::autograd::Function<DropoutFunction> {
     return {out, pair};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {regenerate(ctx, grads[0]), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+    return {regenerate(ctx, grads[0]),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
             Tensor()};
   }
 };
@@ -371,7 +377,13 @@ struct DropoutInplaceFunction : torch::autograd::Function<DropoutInplaceFunction
     return {input, pair};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {regenerate(ctx, grads[0]), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+    return {regenerate(ctx, grads[0]),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
             Tensor()};
   }
 };
@@ -392,8 +404,8 @@ struct DropoutBackwardFunction : torch::autograd::Function<DropoutBackwardFuncti
 struct DropoutAddFunction : torch::autograd::Function<DropoutAddFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& residual,
                                const optional<Tensor>& bias, double p, int64_t mask_ndim,
-                               bool scale_by_keep, optional<int64_t> seed,
-                               optional<int64_t> offset, optional<at::Generator> generator) {
+                               bool scale_by_keep, optional<int64_t> seed, optional<int64_t> offset,
+                               optional<at::Generator> generator) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = op_handle<decltype(dropout_add_impl)>("fused_dropout::dropout_add");
     auto [out, pair] =
@@ -417,11 +429,11 @@ struct DropoutAddFunction : torch::autograd::Function<DropoutAddFunction> {
 };
 
 std::tuple<Tensor, Tensor> dropout_autograd(const Tensor& input, double p, int64_t mask_ndim,
-                                            bool scale_by_keep, bool alpha,
-                                            optional<int64_t> seed, optional<int64_t> offset,
+                                            bool scale_by_keep, bool alpha, optional<int64_t> seed,
+                                            optional<int64_t> offset,
                                             optional<at::Generator> generator) {
-  auto out = DropoutFunction::apply(input, p, mask_ndim, scale_by_keep, alpha, seed, offset,
-                                    generator);
+  auto out =
+      DropoutFunction::apply(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator);
   return {out[0], out[1]};
 }
 

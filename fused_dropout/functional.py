@@ -55,11 +55,13 @@ def _masked(
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if inplace:
-        ops.dropout_(input, p, mask_ndim, scale_by_keep, alpha,
-                     generator=generator, seed_offset=seed_offset)
+        ops.dropout_(
+            input, p, mask_ndim, scale_by_keep, alpha, generator=generator, seed_offset=seed_offset
+        )
         return input
-    return ops.dropout(input, p, mask_ndim, scale_by_keep, alpha,
-                       generator=generator, seed_offset=seed_offset)[0]
+    return ops.dropout(
+        input, p, mask_ndim, scale_by_keep, alpha, generator=generator, seed_offset=seed_offset
+    )[0]
 
 
 def dropout(
@@ -91,8 +93,13 @@ def alpha_dropout(
 
 
 def _feature_masked(
-    input: Tensor, p: float, training: bool, inplace: bool, alpha: bool,
-    generator: Generator, seed_offset: SeedOffset,
+    input: Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    alpha: bool,
+    generator: Generator,
+    seed_offset: SeedOffset,
 ) -> Tensor:
     """torch's feature dropout: one decision per (sample, channel), dims 0 and 1."""
     if input.dim() < 2:
@@ -141,7 +148,9 @@ def dropout1d(
         )
     return _unbatched(
         lambda t: _feature_masked(t, p, training, inplace, False, generator, seed_offset),
-        input, rank == 3, inplace,
+        input,
+        rank == 3,
+        inplace,
     )
 
 
@@ -187,7 +196,9 @@ def dropout3d(
         _warn_rank("dropout3d", rank, 3, "4D or 5D")
     return _unbatched(
         lambda t: _feature_masked(t, p, training, inplace, False, generator, seed_offset),
-        input, rank == 5, inplace,
+        input,
+        rank == 5,
+        inplace,
     )
 
 
@@ -218,8 +229,9 @@ def drop_path(
     _check_p(drop_prob, "drop probability")
     if input.dim() == 0:
         raise RuntimeError("drop_path: expected an input with a batch dimension, got a 0-D tensor")
-    return _masked(input, drop_prob, training, False, 1, False, generator, seed_offset,
-                   scale_by_keep)
+    return _masked(
+        input, drop_prob, training, False, 1, False, generator, seed_offset, scale_by_keep
+    )
 
 
 def stochastic_depth(
@@ -235,8 +247,9 @@ def stochastic_depth(
     _check_p(p, "drop probability")
     if mode not in ["batch", "row"]:
         raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
-    return _masked(input, p, training, False, 1 if mode == "row" else 0, False, generator,
-                   seed_offset)
+    return _masked(
+        input, p, training, False, 1 if mode == "row" else 0, False, generator, seed_offset
+    )
 
 
 def _masked_add(
@@ -251,8 +264,16 @@ def _masked_add(
     seed_offset: SeedOffset,
 ) -> Tensor:
     # Outside training the same kernel runs with p = 0: one pass, nothing drawn.
-    return ops.dropout_add(input, residual, bias, p if training else 0.0, mask_ndim,
-                           scale_by_keep, generator=generator, seed_offset=seed_offset)[0]
+    return ops.dropout_add(
+        input,
+        residual,
+        bias,
+        p if training else 0.0,
+        mask_ndim,
+        scale_by_keep,
+        generator=generator,
+        seed_offset=seed_offset,
+    )[0]
 
 
 def drop_path_add(
@@ -269,8 +290,9 @@ def drop_path_add(
     _check_p(drop_prob, "drop probability")
     if branch.dim() == 0:
         raise RuntimeError("drop_path_add: expected tensors with a batch dimension, got 0-D")
-    return _masked_add(branch, residual, None, drop_prob, training, 1, scale_by_keep,
-                       generator, seed_offset)
+    return _masked_add(
+        branch, residual, None, drop_prob, training, 1, scale_by_keep, generator, seed_offset
+    )
 
 
 def dropout_add(

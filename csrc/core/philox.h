@@ -58,7 +58,7 @@ inline void mulhilo32(u32x16 a, uint32_t b, u32x16& hi, u32x16& lo) {
       reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide >> 32), m));
 #else
   const u64x8 even = (wide & 0xFFFFFFFFu) * b;  // products of lanes 0, 2, 4, ...
-  const u64x8 odd = (wide >> 32) * b;          // products of lanes 1, 3, 5, ...
+  const u64x8 odd = (wide >> 32) * b;           // products of lanes 1, 3, 5, ...
 #endif
   const u64x8 lo64 = (even & 0xFFFFFFFFu) | (odd << 32);
   const u64x8 hi64 = (even >> 32) | (odd & 0xFFFFFFFF00000000u);
@@ -88,8 +88,7 @@ FD_HD PhiloxKey philox_round_key(PhiloxKey key, int r) {
           key.k1 + kPhiloxW1 * static_cast<uint32_t>(r)};
 }
 
-FD_HD PhiloxBlock philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                PhiloxKey key) {
+FD_HD PhiloxBlock philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, PhiloxKey key) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -116,8 +115,7 @@ struct PhiloxStream {
 
   // The four words of counter group g (mask elements 4g .. 4g+3).
   FD_HD PhiloxBlock group(uint64_t g) const {
-    return philox4x32_10(o_lo, o_hi, static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
-                         key);
+    return philox4x32_10(o_lo, o_hi, static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), key);
   }
 };
 

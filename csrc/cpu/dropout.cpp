@@ -43,8 +43,7 @@ struct Storage<c10::BFloat16> {
 
 // keep[j] for mask elements m0 + j, j < kBlock; m0 is a multiple of 4. The 16
 // counter groups of the block run as one vector through the shared Philox round.
-void draw_keep_block(const PhiloxStream& stream, const MaskedAffine& a, int64_t m0,
-                     uint8_t* keep) {
+void draw_keep_block(const PhiloxStream& stream, const MaskedAffine& a, int64_t m0, uint8_t* keep) {
   if (a.keep_all || a.threshold == 0) {
     std::fill(keep, keep + kBlock, static_cast<uint8_t>(a.keep_all));
     return;
@@ -148,8 +147,7 @@ void run_elementwise(const Operands<scalar_t>& o, const MaskedOpArgs& a,
 // (contiguous) or walk the channels of each position (channels-last; never
 // with a bias, which needs the contiguous layout).
 template <bool kResidual, bool kBias, bool kShift, typename scalar_t>
-void run_broadcast(const Operands<scalar_t>& o, const MaskedOpArgs& a,
-                   const PhiloxStream& stream) {
+void run_broadcast(const Operands<scalar_t>& o, const MaskedOpArgs& a, const PhiloxStream& stream) {
   const MaskMap& map = a.map;
   const int64_t nblocks = (map.mask_numel + kBlock - 1) / kBlock;
   std::vector<uint8_t> keep(nblocks * kBlock);
@@ -170,8 +168,7 @@ void run_broadcast(const Operands<scalar_t>& o, const MaskedOpArgs& a,
       } else {
         const int64_t c = i % map.period;
         const int64_t len = std::min(i1 - i, map.period - c);
-        apply_segment<true, kResidual, false, kShift>(o, i, len, &keep[outer * map.stride + c],
-                                                      0);
+        apply_segment<true, kResidual, false, kShift>(o, i, len, &keep[outer * map.stride + c], 0);
         i += len;
       }
     }

@@ -5,9 +5,9 @@
 // Each thread handles units of kUnit consecutive elements (one 16-byte vector,
 // and at least one Philox call: 4 elements) in a grid-stride loop. The mask is
 // a function of the element index alone, so any grid gives the same result.
-#include <ATen/cuda/PhiloxUtils.cuh>
 #include <cuda_fp16.h>
 
+#include <ATen/cuda/PhiloxUtils.cuh>
 #include <algorithm>
 
 #include "cuda/dropout.h"
@@ -40,7 +40,9 @@ struct DeviceStorage<DType::kHalf> {
   using raw = unsigned short;
   using acc = float;
   static __device__ __forceinline__ acc load(raw v) { return __half2float(__ushort_as_half(v)); }
-  static __device__ __forceinline__ raw store(acc v) { return __half_as_ushort(__float2half_rn(v)); }
+  static __device__ __forceinline__ raw store(acc v) {
+    return __half_as_ushort(__float2half_rn(v));
+  }
 };
 template <>
 struct DeviceStorage<DType::kBFloat16> {  // the core's conversion: bit-identical to the CPU
@@ -211,20 +213,23 @@ int sm_count() {
   return std::max(count, 1);
 }
 
-bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+bool aligned16(const void* ptr) {
+  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
 
 template <DType D, bool kElementwise, bool kResidual, bool kBias, bool kShift>
 void launch_variant(const Params<D>& p, cudaStream_t stream) {
   constexpr int kUnit = std::max<int>(4, int(16 / sizeof(typename DeviceStorage<D>::raw)));
   const int64_t units = (p.numel + kUnit - 1) / kUnit;
   const int64_t wanted = (units + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(std::min<int64_t>(wanted, int64_t(sm_count()) * kBlocksPerSm));
+  const int blocks =
+      static_cast<int>(std::min<int64_t>(wanted, int64_t(sm_count()) * kBlocksPerSm));
   masked_kernel<D, kElementwise, kResidual, kBias, kShift><<<blocks, kThreads, 0, stream>>>(p);
 }
 
 template <DType D>
-cudaError_t launch_typed(const MaskedOpArgs& a, at::PhiloxCudaState philox,
-                         const int64_t* pair_in, int64_t* pair_out, cudaStream_t stream) {
+cudaError_t launch_typed(const MaskedOpArgs& a, at::PhiloxCudaState philox, const int64_t* pair_in,
+                         int64_t* pair_out, cudaStream_t stream) {
   using S = DeviceStorage<D>;
   using raw = typename S::raw;
   Params<D> p{static_cast<const raw*>(a.input),

@@ -38,6 +38,7 @@ void check_p(double p) {
                     p);
 }
 
+// A RuntimeError, as torch raises for integer or complex dropout.
 DType kernel_dtype(const Tensor& t, const char* op) {
   switch (t.scalar_type()) {
     case at::kFloat:
@@ -49,10 +50,10 @@ DType kernel_dtype(const Tensor& t, const char* op) {
     case at::kBFloat16:
       return DType::kBFloat16;
     default:
-      TORCH_CHECK_TYPE(false, "fused_dropout.", op,
-                       ": expected a floating-point tensor (float32, float64, float16 or "
-                       "bfloat16), but got ",
-                       t.scalar_type());
+      TORCH_CHECK(false, "fused_dropout.", op,
+                  ": expected a floating-point tensor (float32, float64, float16 or "
+                  "bfloat16), but got ",
+                  t.scalar_type());
   }
 }
 

@@ -1,0 +1,289 @@
+"""Independent reference implementation of the fused_dropout RNG and numerics contract.
+
+Written from DESIGN.md (sections 2 and 3) and the kernel arithmetic of the working
+plan alone; it shares no code with the extension. Everything here is plain numpy
+(Philox, the mask) and plain PyTorch elementwise ops on CPU (the arithmetic), so
+it is slow but obviously correct.
+
+Contract summary (DESIGN.md s.2):
+  * word for mask element ``i`` = word ``i % 4`` of
+    ``philox4x32_10(key=(seed_lo, seed_hi), ctr=(o_lo, o_hi, k_lo, k_hi))``
+    with ``o = offset // 4`` and ``k = i // 4``;
+  * keep element ``i`` iff ``word < threshold``,
+    ``threshold = min(floor((1 - p) * 2**32), 2**32 - 1)``; ``p == 0`` keeps all;
+  * kept: ``x * scale`` with ``scale = 1 / (1 - p)`` rounded to the compute type
+    (fp32 for fp16/bf16/fp32, fp64 for fp64); dropped: exactly ``+0`` (select).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ALPHA",
+    "MASK32",
+    "MASK64",
+    "compute_dtype",
+    "keep_mask",
+    "mask_words",
+    "philox4x32_10",
+    "ref_dropout",
+    "ref_dropout_add",
+    "ref_dropout_backward",
+    "seed_to_int64",
+    "seed_to_uint64",
+    "threshold",
+]
+
+MASK32 = 0xFFFFFFFF
+MASK64 = 0xFFFFFFFFFFFFFFFF
+
+# Philox4x32 constants (Salmon et al., Random123; identical in cuRAND).
+_PHILOX_M0 = np.uint64(0xD2511F53)
+_PHILOX_M1 = np.uint64(0xCD9E8D57)
+_PHILOX_W0 = np.uint64(0x9E3779B9)
+_PHILOX_W1 = np.uint64(0xBB67AE85)
+_LO = np.uint64(MASK32)
+_SHIFT = np.uint64(32)
+
+# torch's alpha_dropout constant (SELU alpha * scale).
+ALPHA = 1.7580993408473766
+
+
+def philox4x32_10(ctr, key):
+    """Philox4x32-10, vectorised over counters.
+
+    ``ctr``: array-like of shape ``(..., 4)`` (uint32 words c0..c3), or a tuple of
+    four broadcastable arrays. ``key``: pair ``(k0, k1)`` of ints or broadcastable
+    arrays. Returns a uint32 array of shape ``(..., 4)``.
+
+    Arithmetic is done in numpy uint64 so that the 32x32->64 products are exact.
+    """
+    if isinstance(ctr, tuple):
+        c = [np.asarray(w, dtype=np.uint64) & _LO for w in ctr]
+    else:
+        a = np.asarray(ctr, dtype=np.uint64)
+        c = [a[..., j] & _LO for j in range(4)]
+    c0, c1, c2, c3 = np.broadcast_arrays(*c)
+    c0, c1, c2, c3 = (w.copy() for w in (c0, c1, c2, c3))
+    k0 = np.asarray(key[0], dtype=np.uint64) & _LO
+    k1 = np.asarray(key[1], dtype=np.uint64) & _LO
+    for rnd in range(10):
+        if rnd:
+            k0 = (k0 + _PHILOX_W0) & _LO
+            k1 = (k1 + _PHILOX_W1) & _LO
+        p0 = _PHILOX_M0 * c0  # exact: both factors < 2**32
+        p1 = _PHILOX_M1 * c2
+        hi0, lo0 = p0 >> _SHIFT, p0 & _LO
+        hi1, lo1 = p1 >> _SHIFT, p1 & _LO
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
+
+
+def seed_to_uint64(seed: int) -> int:
+    """Accept a seed as uint64 value or as int64 two's-complement bits."""
+    seed = int(seed)
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed {seed} does not fit in 64 bits")
+    return seed & MASK64
+
+
+def seed_to_int64(seed: int) -> int:
+    """The int64 (two's-complement) spelling of a uint64 seed, as the ops take it."""
+    s = seed_to_uint64(seed)
+    return s - 2**64 if s >= 2**63 else s
+
+
+def _check_offset(offset: int) -> int:
+    offset = int(offset)
+    if offset < 0 or offset % 4 != 0 or offset >= 2**64:
+        raise ValueError(f"offset must be a non-negative multiple of 4, got {offset}")
+    return offset
+
+
+def mask_words(seed: int, offset: int, n: int) -> np.ndarray:
+    """The uint32 decision words of mask elements ``0..n-1`` (shape ``(n,)``)."""
+    return _mask_words_cached(seed_to_uint64(seed), _check_offset(offset), int(n)).copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _mask_words_cached(s: int, offset: int, n: int) -> np.ndarray:
+    # small cache: a test computes the same mask for forward and backward
+    o = offset // 4
+    if n <= 0:
+        return np.zeros((0,), dtype=np.uint32)
+    nctr = (n + 3) // 4
+    k = np.arange(nctr, dtype=np.uint64)
+    ctr = (
+        np.uint64(o & MASK32),
+        np.uint64(o >> 32),
+        k & _LO,
+        k >> _SHIFT,
+    )
+    out = philox4x32_10(ctr, (s & MASK32, s >> 32)).reshape(-1)[:n]
+    out.setflags(write=False)
+    return out
+
+
+def threshold(p: float) -> int:
+    """``min(floor((1 - p) * 2**32), 2**32 - 1)`` computed in double, as an int."""
+    keep = 1.0 - float(p)  # double, like the kernels
+    return min(math.floor(keep * 4294967296.0), MASK32)
+
+
+def _as_shape(mask_shape) -> tuple[int, ...]:
+    if isinstance(mask_shape, int):
+        return (mask_shape,)
+    return tuple(int(d) for d in mask_shape)
+
+
+def keep_mask(seed: int, offset: int, p: float, mask_shape) -> torch.Tensor:
+    """Bool tensor of ``mask_shape``: True where the element is kept.
+
+    ``p == 0`` keeps everything (and draws nothing), ``p == 1`` keeps nothing.
+    """
+    shape = _as_shape(mask_shape)
+    n = math.prod(shape)
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if p == 0.0:
+        return torch.ones(shape, dtype=torch.bool)
+    words = _mask_words_cached(seed_to_uint64(seed), _check_offset(offset), n)
+    keep = words < np.uint32(threshold(p))
+    return torch.from_numpy(keep.reshape(shape).copy())
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype == torch.float64:
+        return torch.float64
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.float32
+    raise TypeError(f"fused_dropout reference: unsupported dtype {dtype}")
+
+
+def _mask_for(x: torch.Tensor, seed, offset, p, mask_ndim: int) -> torch.Tensor:
+    """Keep mask of ``x`` with the leading ``mask_ndim`` dims, broadcastable to x."""
+    nd = x.dim()
+    m = nd if mask_ndim == -1 else int(mask_ndim)
+    if not 0 <= m <= nd:
+        raise ValueError(f"mask_ndim {mask_ndim} out of range for a {nd}-d tensor")
+    mshape = tuple(x.shape[:m])
+    mask = keep_mask(seed, offset, p, mshape)
+    return mask.reshape(mshape + (1,) * (nd - m))
+
+
+def _scale(p: float, scale_by_keep: bool, cdt: torch.dtype) -> torch.Tensor:
+    keep = 1.0 - float(p)
+    s = (1.0 / keep) if (scale_by_keep and keep > 0.0) else 1.0
+    return torch.tensor(s, dtype=torch.float64).to(cdt)  # one rounding double -> compute
+
+
+def _alpha_consts(p: float, cdt: torch.dtype):
+    """(a, kept-bias, dropped-value) of torch's alpha_dropout, in double then rounded.
+
+    Choice made here (the plan only says ``kept: x*a + A*a*p, dropped: A*a*(p-1)``):
+    the three constants are computed in double and each rounded once to the compute
+    type; the kept value is ``(x*a) + b`` as two separately rounded compute-type ops.
+    """
+    p = float(p)
+    a = 1.0 / math.sqrt((ALPHA * ALPHA * p + 1.0) * (1.0 - p))
+    b = ALPHA * a * p
+    d = ALPHA * a * (p - 1.0)
+    return tuple(torch.tensor(v, dtype=torch.float64).to(cdt) for v in (a, b, d))
+
+
+def ref_dropout(
+    x: torch.Tensor,
+    p: float,
+    seed: int,
+    offset: int,
+    mask_ndim: int = -1,
+    scale_by_keep: bool = True,
+    alpha: bool = False,
+) -> torch.Tensor:
+    """Reference forward. Output is contiguous (compare values, not strides)."""
+    x = x.detach().cpu()
+    p = float(p)
+    cdt = compute_dtype(x.dtype)
+    if p == 0.0:
+        return x.clone()
+    if p == 1.0:
+        return torch.zeros(x.shape, dtype=x.dtype)
+    mask = _mask_for(x, seed, offset, p, mask_ndim)
+    xc = x.to(cdt)
+    zero = torch.zeros((), dtype=cdt)
+    if alpha:
+        a, b, d = _alpha_consts(p, cdt)
+        kept = (xc * a) + b
+        y = torch.where(mask, kept, d)
+    else:
+        y = torch.where(mask, xc * _scale(p, scale_by_keep, cdt), zero)
+    return y.to(x.dtype).contiguous()
+
+
+def ref_dropout_backward(
+    grad: torch.Tensor,
+    p: float,
+    seed: int,
+    offset: int,
+    mask_ndim: int = -1,
+    scale_by_keep: bool = True,
+    alpha: bool = False,
+) -> torch.Tensor:
+    """Gradient of :func:`ref_dropout` w.r.t. x: dropout of ``grad`` with the same pair."""
+    g = grad.detach().cpu()
+    p = float(p)
+    cdt = compute_dtype(g.dtype)
+    if p == 0.0:
+        return g.clone()
+    if p == 1.0:
+        return torch.zeros(g.shape, dtype=g.dtype)
+    mask = _mask_for(g, seed, offset, p, mask_ndim)
+    gc = g.to(cdt)
+    zero = torch.zeros((), dtype=cdt)
+    if alpha:
+        a, _, _ = _alpha_consts(p, cdt)
+        y = torch.where(mask, gc * a, zero)
+    else:
+        y = torch.where(mask, gc * _scale(p, scale_by_keep, cdt), zero)
+    return y.to(g.dtype).contiguous()
+
+
+def ref_dropout_add(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    bias: torch.Tensor | None,
+    p: float,
+    seed: int,
+    offset: int,
+    mask_ndim: int = -1,
+    scale_by_keep: bool = True,
+) -> torch.Tensor:
+    """``residual + dropout(x + bias)`` computed in the compute type, rounded once.
+
+    v = x (+ bias) in compute type; kept -> v*scale, dropped -> +0 (select);
+    then + residual in compute type (separate ops, no FMA); one rounding to x.dtype.
+    The mask has the shape of ``x``'s leading ``mask_ndim`` dims.
+    """
+    x = x.detach().cpu()
+    r = residual.detach().cpu()
+    p = float(p)
+    cdt = compute_dtype(x.dtype)
+    v = x.to(cdt)
+    if bias is not None:
+        v = v + bias.detach().cpu().to(cdt)
+    zero = torch.zeros((), dtype=cdt)
+    if p == 0.0:
+        d = v
+    elif p == 1.0:
+        d = torch.zeros_like(v)
+    else:
+        mask = _mask_for(x, seed, offset, p, mask_ndim)
+        d = torch.where(mask, v * _scale(p, scale_by_keep, cdt), zero)
+    y = d + r.to(cdt)
+    return y.to(x.dtype).contiguous()

@@ -179,7 +179,11 @@ void launch(const MaskedOpArgs& args, const Tensor& input, const RngSource& rng,
     philox = gen->philox_cuda_state(4);
   }
   const int64_t* pair_in = rng.pair ? rng.pair->const_data_ptr<int64_t>() : nullptr;
-  if (!rng.pair) pair = at::zeros({2}, input.options().dtype(at::kLong));
+  // The kernel writes the pair it used; with nothing to launch it stays (0, 0).
+  if (!rng.pair) {
+    const auto options = input.options().dtype(at::kLong);
+    pair = args.numel > 0 ? at::empty({2}, options) : at::zeros({2}, options);
+  }
   C10_CUDA_CHECK(masked_op_cuda(args, philox, pair_in,
                                 rng.pair ? nullptr : pair.mutable_data_ptr<int64_t>(),
                                 c10::cuda::getCurrentCUDAStream(input.device().index()).stream()));

@@ -206,11 +206,19 @@ __global__ void __launch_bounds__(kThreads) masked_kernel(const Params<D> p) {
   }
 }
 
+// Multiprocessors of the current device, queried once per device.
 int sm_count() {
-  int device = 0, count = 0;
+  constexpr int kMaxDevices = 64;
+  static int counts[kMaxDevices] = {};
+  int device = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return std::max(count, 1);
+  if (device < 0 || device >= kMaxDevices) return 1;
+  if (counts[device] == 0) {
+    int count = 0;
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    counts[device] = std::max(count, 1);
+  }
+  return counts[device];
 }
 
 bool aligned16(const void* ptr) {

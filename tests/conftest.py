@@ -1,0 +1,81 @@
+"""Shared test setup.
+
+- The repository root is importable (also without ``pip install -e .``).
+- The header (and the end of a ``-q`` run) says which torch ran, with how many threads, and
+  whether the extension was built with CUDA kernels. Building it happens here, once, at the
+  start of the session (importing ``fused_dropout`` builds it on a cold cache).
+- Marker ``gpu``: skipped when ``torch.cuda.is_available()`` is False. Marker ``slow``: CI runs
+  them; ``-m 'not slow'`` leaves them out.
+- Fixtures: ``device`` ("cpu", and "cuda" marked ``gpu``), ``extension_built_with_cuda``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+_summary: list[str] = []
+
+
+def _describe_build() -> list[str]:
+    if _summary:
+        return _summary
+    _summary.append(
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), GPU visible: {HAS_GPU}, "
+        f"threads: {torch.get_num_threads()}, "
+        f"FUSED_DROPOUT_BUILD_CUDA={os.environ.get('FUSED_DROPOUT_BUILD_CUDA', '(unset)')}"
+    )
+    try:
+        from fused_dropout import _loader  # the package's __init__ builds and loads the library
+
+        path = _loader.load()
+        _summary.append(
+            f"fused_dropout extension: {path}; CUDA kernels built: {_loader.built_with_cuda()}"
+        )
+    except Exception as e:  # report it; the tests that need the library fail on their own
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else ""
+        _summary.append(f"fused_dropout extension NOT LOADED: {type(e).__name__}: {first}")
+    return _summary
+
+
+def pytest_report_header(config):
+    return _describe_build()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if config.get_verbosity() < 0:  # -q hides the header: repeat it at the end
+        for line in _describe_build():
+            terminalreporter.write_line(line)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    """Run a test on the CPU and, where a GPU is visible, on CUDA."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def extension_built_with_cuda() -> bool:
+    from fused_dropout import _loader
+
+    return _loader.built_with_cuda()

@@ -365,24 +365,26 @@ struct DropoutFunction : torch::autograd::Function<DropoutFunction> {
   }
 };
 
+// Returns only the modified input (autograd allows a single output when the
+// input is a view); the pair goes out through `pair_out`.
 struct DropoutInplaceFunction : torch::autograd::Function<DropoutInplaceFunction> {
   static variable_list forward(AutogradContext* ctx, Tensor input, double p, int64_t mask_ndim,
                                bool scale_by_keep, bool alpha, optional<int64_t> seed,
-                               optional<int64_t> offset, optional<at::Generator> generator) {
-    Tensor pair;
+                               optional<int64_t> offset, optional<at::Generator> generator,
+                               Tensor* pair_out) {
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       static auto op = op_handle<decltype(dropout_inplace_impl)>("fused_dropout::dropout_");
-      pair = op.call(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator);
+      *pair_out = op.call(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator);
     }
     torch::autograd::impl::bump_version(input);
     ctx->mark_dirty({input});
-    save_mask_params(ctx, pair, p, mask_ndim, scale_by_keep, alpha);
-    ctx->mark_non_differentiable({pair});
-    return {input, pair};
+    save_mask_params(ctx, *pair_out, p, mask_ndim, scale_by_keep, alpha);
+    return {input};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return {regenerate(ctx, grads[0]),
+            Tensor(),
             Tensor(),
             Tensor(),
             Tensor(),
@@ -453,8 +455,10 @@ Tensor dropout_inplace_autograd(Tensor& input, double p, int64_t mask_ndim, bool
     TORCH_CHECK(!input.is_leaf(),
                 "a leaf Variable that requires grad is being used in an in-place operation.");
   }
-  return DropoutInplaceFunction::apply(input, p, mask_ndim, scale_by_keep, alpha, seed, offset,
-                                       generator)[1];
+  Tensor pair;
+  DropoutInplaceFunction::apply(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator,
+                                &pair);
+  return pair;
 }
 
 Tensor dropout_backward_autograd(const Tensor& grad, const Tensor& seed_offset, double p,

@@ -9,6 +9,7 @@ from fused_dropout import _loader
 _loader.load()
 
 from fused_dropout import functional, ops  # noqa: E402  (needs the loaded ops)
+from fused_dropout.convert import convert  # noqa: E402
 from fused_dropout.modules import (  # noqa: E402
     AlphaDropout,
     BiasDropoutAdd,
@@ -34,6 +35,7 @@ __all__ = [
     "DropoutAdd",
     "FeatureAlphaDropout",
     "StochasticDepth",
+    "convert",
     "functional",
     "ops",
 ]

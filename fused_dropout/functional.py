@@ -102,9 +102,11 @@ def _feature_masked(
     seed_offset: SeedOffset,
 ) -> Tensor:
     """torch's feature dropout: one decision per (sample, channel), dims 0 and 1."""
-    if input.dim() < 2:
+    if input.dim() < 2 and training and 0.0 < p < 1.0 and input.numel() > 0:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    return _masked(input, p, training, inplace, 2, alpha, generator, seed_offset)
+    # p == 1 zeros everything whatever the rank, as torch does.
+    mask_ndim = 2 if input.dim() >= 2 else -1
+    return _masked(input, p, training, inplace, mask_ndim, alpha, generator, seed_offset)
 
 
 def _unbatched(fn, input: Tensor, batched: bool, inplace: bool) -> Tensor:

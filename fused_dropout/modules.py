@@ -1,6 +1,7 @@
 """Drop-in modules. Each torch layer is subclassed, so isinstance, repr and state_dict
-are unchanged; DropPath and StochasticDepth copy timm's and torchvision's attributes
-and repr without importing those packages."""
+are unchanged. DropPath and StochasticDepth copy timm's and torchvision's attributes and
+repr without importing those packages (``convert`` makes the modules it swaps in
+subclasses of theirs too)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class DropPath(nn.Module):
     """timm's ``DropPath``; ``forward(x, residual=r)`` returns ``r + drop_path(x)`` in one pass."""
 
     def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): convert() may put timm's class next in the MRO
         self.drop_prob = drop_prob
         self.scale_by_keep = scale_by_keep
 
@@ -85,7 +86,7 @@ class StochasticDepth(nn.Module):
     """torchvision's ``StochasticDepth`` (modes ``"row"`` and ``"batch"``)."""
 
     def __init__(self, p: float, mode: str) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): see DropPath
         self.p = p
         self.mode = mode
 

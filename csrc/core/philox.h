@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#if !defined(__CUDACC__) && defined(__AVX512F__)
+#if !defined(__CUDACC__) && (defined(__AVX512F__) || defined(__AVX2__))
 #include <immintrin.h>
 #endif
 
@@ -49,16 +49,27 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint64_t u64x8 __attribute__((vector_size(64)));
 
 inline void mulhilo32(u32x16 a, uint32_t b, u32x16& hi, u32x16& lo) {
+  // even: products of lanes 0, 2, 4, ...; odd: of lanes 1, 3, 5, ... (vpmuludq; for
+  // the generic form GCC emits a slow full 64x64 multiply).
   const u64x8 wide = reinterpret_cast<u64x8&>(a);
+  u64x8 even, odd;
 #if defined(__AVX512F__)
-  // vpmuludq: GCC emits the slow 64x64 vpmullq for the generic form below.
   const __m512i m = _mm512_set1_epi64(b);
-  const u64x8 even = reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide), m));
-  const u64x8 odd =
-      reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide >> 32), m));
+  even = reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide), m));
+  odd = reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide >> 32), m));
+#elif defined(__AVX2__)
+  const __m256i m = _mm256_set1_epi64x(b);
+  const u64x8 shifted = wide >> 32;
+  __m256i w[2], s[2];
+  __builtin_memcpy(w, &wide, sizeof(w));
+  __builtin_memcpy(s, &shifted, sizeof(s));
+  const __m256i e[2] = {_mm256_mul_epu32(w[0], m), _mm256_mul_epu32(w[1], m)};
+  const __m256i o[2] = {_mm256_mul_epu32(s[0], m), _mm256_mul_epu32(s[1], m)};
+  __builtin_memcpy(&even, e, sizeof(e));
+  __builtin_memcpy(&odd, o, sizeof(o));
 #else
-  const u64x8 even = (wide & 0xFFFFFFFFu) * b;  // products of lanes 0, 2, 4, ...
-  const u64x8 odd = (wide >> 32) * b;           // products of lanes 1, 3, 5, ...
+  even = (wide & 0xFFFFFFFFu) * b;
+  odd = (wide >> 32) * b;
 #endif
   const u64x8 lo64 = (even & 0xFFFFFFFFu) | (odd << 32);
   const u64x8 hi64 = (even >> 32) | (odd & 0xFFFFFFFF00000000u);

@@ -60,18 +60,34 @@ void draw_keep_block(const PhiloxStream& stream, const MaskedAffine& a, int64_t 
     const PhiloxKey rk = philox_round_key(stream.key, r);
     philox_round(c0, c1, c2, c3, rk.k0, rk.k1);
   }
-  // Word j of group l decides element 4l + j.
+  // Word j of group l decides element 4l + j: interleave the four compare results.
+  const u32x16 words[4] = {c0, c1, c2, c3};
 #if defined(__AVX512BW__) && defined(__BMI2__)
   const __m512i threshold = _mm512_set1_epi32(static_cast<int>(a.threshold));
   uint64_t bits = 0;
-  const u32x16 words[4] = {c0, c1, c2, c3};
   for (int j = 0; j < 4; ++j) {
     const uint64_t m = _mm512_cmplt_epu32_mask(reinterpret_cast<__m512i>(words[j]), threshold);
     bits |= _pdep_u64(m, 0x1111111111111111ull << j);
   }
   _mm512_storeu_si512(keep, _mm512_maskz_set1_epi8(bits, 1));
+#elif defined(__clang__) || __GNUC__ >= 12
+  typedef uint8_t u8x16 __attribute__((vector_size(16)));
+  typedef uint8_t u8x32 __attribute__((vector_size(32)));
+  typedef uint16_t u16x16 __attribute__((vector_size(32)));
+  typedef uint16_t u16x32 __attribute__((vector_size(64)));
+  u8x16 k[4];
+  for (int j = 0; j < 4; ++j) {
+    k[j] = __builtin_convertvector(words[j] < a.threshold, u8x16) & 1;
+  }
+#define FD_ZIP16 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, \
+                 11, 27, 12, 28, 13, 29, 14, 30, 15, 31
+  const u8x32 k01 = __builtin_shufflevector(k[0], k[1], FD_ZIP16);
+  const u8x32 k23 = __builtin_shufflevector(k[2], k[3], FD_ZIP16);
+  const u16x32 all = __builtin_shufflevector(reinterpret_cast<const u16x16&>(k01),
+                                             reinterpret_cast<const u16x16&>(k23), FD_ZIP16);
+#undef FD_ZIP16
+  __builtin_memcpy(keep, &all, kBlock);
 #else
-  const u32x16 words[4] = {c0, c1, c2, c3};
   for (int l = 0; l < kLanes; ++l) {
     for (int j = 0; j < 4; ++j) keep[4 * l + j] = keep_word(words[j][l], a.threshold);
   }

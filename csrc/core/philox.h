@@ -43,38 +43,45 @@ FD_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 }
 
 #if !defined(__CUDACC__)
-// The CPU runs 16 counters at once: the same round arithmetic on a vector of
-// 16 words (GCC/Clang vector extensions; AVX-512, AVX2 or SSE as the target allows).
+// The CPU runs 16 (AVX-512) or 8 counters at once: the same round arithmetic on
+// a vector of words (GCC/Clang vector extensions). even/odd: the 32x32->64
+// products of the even and odd lanes (vpmuludq; for the generic form GCC emits a
+// slow full 64x64 multiply).
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint64_t u64x8 __attribute__((vector_size(64)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint64_t u64x4 __attribute__((vector_size(32)));
+
+template <typename U32, typename U64>
+inline void combine_hilo(U64 even, U64 odd, U32& hi, U32& lo) {
+  const U64 lo64 = (even & 0xFFFFFFFFu) | (odd << 32);
+  const U64 hi64 = (even >> 32) | (odd & 0xFFFFFFFF00000000u);
+  lo = reinterpret_cast<const U32&>(lo64);
+  hi = reinterpret_cast<const U32&>(hi64);
+}
 
 inline void mulhilo32(u32x16 a, uint32_t b, u32x16& hi, u32x16& lo) {
-  // even: products of lanes 0, 2, 4, ...; odd: of lanes 1, 3, 5, ... (vpmuludq; for
-  // the generic form GCC emits a slow full 64x64 multiply).
   const u64x8 wide = reinterpret_cast<u64x8&>(a);
-  u64x8 even, odd;
 #if defined(__AVX512F__)
   const __m512i m = _mm512_set1_epi64(b);
-  even = reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide), m));
-  odd = reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide >> 32), m));
-#elif defined(__AVX2__)
-  const __m256i m = _mm256_set1_epi64x(b);
-  const u64x8 shifted = wide >> 32;
-  __m256i w[2], s[2];
-  __builtin_memcpy(w, &wide, sizeof(w));
-  __builtin_memcpy(s, &shifted, sizeof(s));
-  const __m256i e[2] = {_mm256_mul_epu32(w[0], m), _mm256_mul_epu32(w[1], m)};
-  const __m256i o[2] = {_mm256_mul_epu32(s[0], m), _mm256_mul_epu32(s[1], m)};
-  __builtin_memcpy(&even, e, sizeof(e));
-  __builtin_memcpy(&odd, o, sizeof(o));
+  combine_hilo(reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide), m)),
+               reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide >> 32), m)),
+               hi, lo);
 #else
-  even = (wide & 0xFFFFFFFFu) * b;
-  odd = (wide >> 32) * b;
+  combine_hilo((wide & 0xFFFFFFFFu) * b, (wide >> 32) * b, hi, lo);
 #endif
-  const u64x8 lo64 = (even & 0xFFFFFFFFu) | (odd << 32);
-  const u64x8 hi64 = (even >> 32) | (odd & 0xFFFFFFFF00000000u);
-  lo = reinterpret_cast<const u32x16&>(lo64);
-  hi = reinterpret_cast<const u32x16&>(hi64);
+}
+
+inline void mulhilo32(u32x8 a, uint32_t b, u32x8& hi, u32x8& lo) {
+  const u64x4 wide = reinterpret_cast<u64x4&>(a);
+#if defined(__AVX2__)
+  const __m256i m = _mm256_set1_epi64x(b);
+  combine_hilo(reinterpret_cast<u64x4>(_mm256_mul_epu32(reinterpret_cast<__m256i>(wide), m)),
+               reinterpret_cast<u64x4>(_mm256_mul_epu32(reinterpret_cast<__m256i>(wide >> 32), m)),
+               hi, lo);
+#else
+  combine_hilo((wide & 0xFFFFFFFFu) * b, (wide >> 32) * b, hi, lo);
+#endif
 }
 #endif
 

@@ -17,8 +17,14 @@
 namespace fused_dropout {
 namespace {
 
-// Elements per Philox batch: 16 independent counters, 4 words each.
-constexpr int64_t kLanes = 16;
+// Elements per Philox batch: kLanes independent counters (one SIMD register of
+// 32-bit lanes), 4 words each.
+#if defined(__AVX512F__)
+using LaneVec = u32x16;
+#else
+using LaneVec = u32x8;
+#endif
+constexpr int64_t kLanes = sizeof(LaneVec) / sizeof(uint32_t);
 constexpr int64_t kBlock = 4 * kLanes;
 // Work per parallel task; below this the call runs inline on one thread.
 constexpr int64_t kGrainElements = 1 << 15;
@@ -41,58 +47,116 @@ struct Storage<c10::BFloat16> {
   static raw store(acc v) { return float_to_bf16_bits(v); }
 };
 
-// keep[j] for mask elements m0 + j, j < kBlock; m0 is a multiple of 4. The 16
-// counter groups of the block run as one vector through the shared Philox round.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__BMI2__)
+#define FD_CPU_AVX512 1
+#endif
+
+// The Philox words of the kBlock mask elements from m0 (a multiple of 4): the
+// kLanes counter groups run as one vector through the shared Philox round. Word
+// j of group l decides element 4l + j.
+struct BlockWords {
+  LaneVec w[4];
+};
+
+BlockWords philox_block(const PhiloxStream& stream, int64_t m0) {
+  const uint64_t g0 = static_cast<uint64_t>(m0) / 4;
+  const uint32_t g0_lo = static_cast<uint32_t>(g0);
+  LaneVec lane;
+  for (int l = 0; l < kLanes; ++l) lane[l] = l;  // a constant after folding
+  // Built with vector ops: lane-wise stores followed by a vector load stall.
+  LaneVec c0 = lane * 0u + stream.o_lo;
+  LaneVec c1 = lane * 0u + stream.o_hi;
+  LaneVec c2 = lane + g0_lo;
+  LaneVec c3 = static_cast<uint32_t>(g0 >> 32) - reinterpret_cast<LaneVec>(c2 < g0_lo);  // carry
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const PhiloxKey rk = philox_round_key(stream.key, r);
+    philox_round(c0, c1, c2, c3, rk.k0, rk.k1);
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+#ifdef FD_CPU_AVX512
+// Bit e of the result: keep element m0 + e (the compare of keep_word, interleaved).
+uint64_t keep_bits(const BlockWords& b, uint32_t threshold) {
+  const __m512i t = _mm512_set1_epi32(static_cast<int>(threshold));
+  uint64_t bits = 0;
+  for (int j = 0; j < 4; ++j) {
+    const uint64_t m = _mm512_cmplt_epu32_mask(reinterpret_cast<__m512i>(b.w[j]), t);
+    bits |= _pdep_u64(m, 0x1111111111111111ull << j);
+  }
+  return bits;
+}
+#endif
+
+// keep[j] for mask elements m0 + j, j < kBlock; m0 is a multiple of 4.
 void draw_keep_block(const PhiloxStream& stream, const MaskedAffine& a, int64_t m0, uint8_t* keep) {
   if (a.keep_all || a.threshold == 0) {
     std::fill(keep, keep + kBlock, static_cast<uint8_t>(a.keep_all));
     return;
   }
-  const uint64_t g0 = static_cast<uint64_t>(m0) / 4;
-  const uint32_t g0_lo = static_cast<uint32_t>(g0);
-  const u32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  // Built with vector ops: lane-wise stores followed by a vector load stall.
-  u32x16 c0 = lane * 0u + stream.o_lo;
-  u32x16 c1 = lane * 0u + stream.o_hi;
-  u32x16 c2 = lane + g0_lo;
-  u32x16 c3 = static_cast<uint32_t>(g0 >> 32) - reinterpret_cast<u32x16>(c2 < g0_lo);  // carry
-  for (int r = 0; r < kPhiloxRounds; ++r) {
-    const PhiloxKey rk = philox_round_key(stream.key, r);
-    philox_round(c0, c1, c2, c3, rk.k0, rk.k1);
-  }
-  // Word j of group l decides element 4l + j: interleave the four compare results.
-  const u32x16 words[4] = {c0, c1, c2, c3};
-#if defined(__AVX512BW__) && defined(__BMI2__)
-  const __m512i threshold = _mm512_set1_epi32(static_cast<int>(a.threshold));
-  uint64_t bits = 0;
-  for (int j = 0; j < 4; ++j) {
-    const uint64_t m = _mm512_cmplt_epu32_mask(reinterpret_cast<__m512i>(words[j]), threshold);
-    bits |= _pdep_u64(m, 0x1111111111111111ull << j);
-  }
-  _mm512_storeu_si512(keep, _mm512_maskz_set1_epi8(bits, 1));
-#elif defined(__clang__) || __GNUC__ >= 12
+  const BlockWords b = philox_block(stream, m0);
+#ifdef FD_CPU_AVX512
+  _mm512_storeu_si512(keep, _mm512_maskz_set1_epi8(keep_bits(b, a.threshold), 1));
+#elif (defined(__clang__) || __GNUC__ >= 12) && !defined(__AVX512F__)
+  // Interleave the four compare results of kLanes = 8 counters into 32 bytes.
+  typedef uint8_t u8x8 __attribute__((vector_size(8)));
   typedef uint8_t u8x16 __attribute__((vector_size(16)));
-  typedef uint8_t u8x32 __attribute__((vector_size(32)));
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
   typedef uint16_t u16x16 __attribute__((vector_size(32)));
-  typedef uint16_t u16x32 __attribute__((vector_size(64)));
-  u8x16 k[4];
-  for (int j = 0; j < 4; ++j) {
-    k[j] = __builtin_convertvector(words[j] < a.threshold, u8x16) & 1;
-  }
-#define FD_ZIP16 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, \
-                 11, 27, 12, 28, 13, 29, 14, 30, 15, 31
-  const u8x32 k01 = __builtin_shufflevector(k[0], k[1], FD_ZIP16);
-  const u8x32 k23 = __builtin_shufflevector(k[2], k[3], FD_ZIP16);
-  const u16x32 all = __builtin_shufflevector(reinterpret_cast<const u16x16&>(k01),
-                                             reinterpret_cast<const u16x16&>(k23), FD_ZIP16);
-#undef FD_ZIP16
+  u8x8 k[4];
+  for (int j = 0; j < 4; ++j) k[j] = __builtin_convertvector(b.w[j] < a.threshold, u8x8) & 1;
+#define FD_ZIP8 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15
+  const u8x16 k01 = __builtin_shufflevector(k[0], k[1], FD_ZIP8);
+  const u8x16 k23 = __builtin_shufflevector(k[2], k[3], FD_ZIP8);
+  const u16x16 all = __builtin_shufflevector(reinterpret_cast<const u16x8&>(k01),
+                                             reinterpret_cast<const u16x8&>(k23), FD_ZIP8);
+#undef FD_ZIP8
+  static_assert(sizeof(all) == kBlock);
   __builtin_memcpy(keep, &all, kBlock);
 #else
   for (int l = 0; l < kLanes; ++l) {
-    for (int j = 0; j < 4; ++j) keep[4 * l + j] = keep_word(words[j][l], a.threshold);
+    for (int j = 0; j < 4; ++j) keep[4 * l + j] = keep_word(b.w[j][l], a.threshold);
   }
 #endif
 }
+
+#ifdef FD_CPU_AVX512
+// A full block of fp32 or bf16 elements with masked multiplies straight from the
+// keep bits: masked_value's arithmetic without the keep-byte array (kept:
+// x * scale; dropped: +0 by the zeroing mask; then + residual) and the core's
+// bf16 rounding (nearest even, NaN -> 0x7FC0). The reference tests compare it
+// bit for bit like every other path.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m512i wide =
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(uint16_t* p, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i r =
+      _mm512_mask_mov_epi32(_mm512_srli_epi32(biased, 16), nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+
+template <typename scalar_t>
+constexpr bool kBlockKernel =
+    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+template <bool kResidual, typename raw>
+void apply_block(const raw* x, const raw* residual, raw* out, uint64_t bits, float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int q = 0; q < 4; ++q) {
+    __m512 y = _mm512_maskz_mul_ps(static_cast<__mmask16>(bits >> (16 * q)), load16(x + 16 * q), s);
+    if constexpr (kResidual) y = _mm512_add_ps(y, load16(residual + 16 * q));
+    store16(out + 16 * q, y);
+  }
+}
+#endif
 
 // The operands of one call, typed.
 template <typename scalar_t>
@@ -109,8 +173,8 @@ struct Operands {
 // Elements [i, i + len): keep flag keep[k] (kPerElementKeep) or keep[0] for all.
 // The bias, if any, starts at column col and does not wrap inside the segment.
 template <bool kPerElementKeep, bool kResidual, bool kBias, bool kShift, typename scalar_t>
-void apply_segment(const Operands<scalar_t>& o, int64_t i, int64_t len, const uint8_t* keep,
-                   int64_t col) {
+__attribute__((noinline)) void apply_segment(const Operands<scalar_t>& o, int64_t i, int64_t len,
+                                             const uint8_t* keep, int64_t col) {
   using S = Storage<scalar_t>;
   // Locals, not loads through `o`: a store to out could alias `o` as far as
   // the compiler knows, which would stop it from vectorizing the loop.
@@ -143,6 +207,19 @@ void run_elementwise(const Operands<scalar_t>& o, const MaskedOpArgs& a,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t e0 = b * kBlock;
       const int64_t n = std::min(kBlock, a.numel - e0);
+#ifdef FD_CPU_AVX512
+      if constexpr (kBlockKernel<scalar_t> && !kBias && !kShift) {
+        if (n == kBlock) {
+          const uint64_t bits = a.affine.keep_all ? ~uint64_t(0)
+                                : a.affine.threshold == 0
+                                    ? 0
+                                    : keep_bits(philox_block(stream, e0), a.affine.threshold);
+          apply_block<kResidual>(o.x + e0, kResidual ? o.residual + e0 : nullptr, o.out + e0, bits,
+                                 o.consts.scale);
+          continue;
+        }
+      }
+#endif
       draw_keep_block(stream, a.affine, e0, keep);
       if constexpr (!kBias) {
         apply_segment<true, kResidual, false, kShift>(o, e0, n, keep, 0);

@@ -19,6 +19,7 @@ from fused_dropout.modules import (  # noqa: E402
     Dropout3d,
     DropoutAdd,
     DropPath,
+    DropPathAdd,
     FeatureAlphaDropout,
     StochasticDepth,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "AlphaDropout",
     "BiasDropoutAdd",
     "DropPath",
+    "DropPathAdd",
     "Dropout",
     "Dropout1d",
     "Dropout2d",

@@ -13,6 +13,7 @@ __all__ = [
     "AlphaDropout",
     "BiasDropoutAdd",
     "DropPath",
+    "DropPathAdd",
     "Dropout",
     "Dropout1d",
     "Dropout2d",
@@ -66,20 +67,25 @@ class FeatureAlphaDropout(nn.FeatureAlphaDropout):
 
 
 class DropPath(nn.Module):
-    """timm's ``DropPath``; ``forward(x, residual=r)`` returns ``r + drop_path(x)`` in one pass."""
+    """timm's ``DropPath``: drops whole samples, scaling the kept ones by ``1/keep``."""
 
     def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
         nn.Module.__init__(self)  # not super(): convert() may put timm's class next in the MRO
         self.drop_prob = drop_prob
         self.scale_by_keep = scale_by_keep
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if residual is None:
-            return F.drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
-        return F.drop_path_add(residual, x, self.drop_prob, self.training, self.scale_by_keep)
+    def forward(self, x: Tensor) -> Tensor:
+        return F.drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
 
     def extra_repr(self) -> str:
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+
+
+class DropPathAdd(DropPath):
+    """``residual + drop_path(branch)`` in one pass: ``DropPathAdd(p)(residual, branch)``."""
+
+    def forward(self, residual: Tensor, branch: Tensor) -> Tensor:  # type: ignore[override]
+        return F.drop_path_add(residual, branch, self.drop_prob, self.training, self.scale_by_keep)
 
 
 class StochasticDepth(nn.Module):

@@ -113,6 +113,15 @@ def _dropout_backward_fake(grad, seed_offset, p, mask_ndim, scale_by_keep, alpha
 
 @torch.library.register_fake("fused_dropout::dropout_add")
 def _dropout_add_fake(input, residual, bias, p, mask_ndim, scale_by_keep, seed, offset, generator):
+    # The kernel's checks, so that fake and meta tensors fail the same way.
     torch._check(residual.shape == input.shape, lambda: "residual must have input's shape")
     torch._check(residual.dtype == input.dtype, lambda: "residual must have input's dtype")
+    torch._check(residual.device == input.device, lambda: "residual must be on input's device")
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and input.dim() >= 1 and bias.shape[0] == input.shape[-1],
+            lambda: "bias must be 1-D with input.size(-1) elements",
+        )
+        torch._check(bias.dtype == input.dtype, lambda: "bias must have input's dtype")
+        torch._check(bias.device == input.device, lambda: "bias must be on input's device")
     return torch.empty_like(input), _fake_pair(input)

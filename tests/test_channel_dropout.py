@@ -29,6 +29,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 ref = importlib.import_module("reference")  # tests/reference.py, whatever the import mode
+from helpers import assert_bitwise, randn  # noqa: E402
+from helpers import gen as _gen  # noqa: E402
+
 OPS = torch.ops.fused_dropout
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -76,35 +79,6 @@ def _isolate_global_rng():
 
 
 # ----------------------------------------------------------------------- helpers
-
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().cpu().contiguous()
-    return t.view(_INT_VIEW[t.element_size()])
-
-
-def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str = "output"):
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    a, e = bits(actual), bits(expected)
-    if not torch.equal(a, e):
-        bad = (a != e).nonzero()
-        i = tuple(bad[0].tolist())
-        raise AssertionError(
-            f"{what}: {bad.shape[0]} of {a.numel()} elements differ bitwise; first at {i}: "
-            f"got {actual.detach()[i].item()!r}, expected {expected[i].item()!r}"
-        )
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(shape, dtype, seed=0) -> torch.Tensor:
-    base = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.randn(shape, generator=_gen(seed), dtype=base).to(dtype)
 
 
 def channel_dim(fn: str, ndim: int, batched: bool) -> int:

@@ -6,13 +6,21 @@ contiguous kernels (bench/kernels.py compiles csrc/cuda/*.cu and reads the SASS)
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from bench import kernels  # noqa: E402
+
+torch_version_cuda = torch.version.cuda
 
 needs_tools = pytest.mark.skipif(
     kernels.find_tool("nvcc") is None or kernels.find_tool("cuobjdump") is None,
@@ -27,3 +35,49 @@ def test_kernels_do_not_spill_and_use_vector_io(arch):
     assert found, "no kernels in csrc/cuda/*.cu"
     assert kernels.check(found) == []
     assert all(k.philox_calls >= 1 for k in found)
+
+
+@pytest.mark.slow
+@needs_tools
+@pytest.mark.skipif(torch_version_cuda is None, reason="needs a CUDA build of torch")
+def test_forced_cuda_build_of_the_package_links_sm80_sm90_without_spills(tmp_path):
+    """FUSED_DROPOUT_BUILD_CUDA=1 on a machine without a GPU: the real extension compiles
+    and links, and the kernels inside the linked library have no local memory (spills or
+    stack) and use 16-byte global loads and stores. Compiled, not run."""
+    env = dict(os.environ, FUSED_DROPOUT_BUILD_CUDA="1", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    env.pop("TORCH_CUDA_ARCH_LIST", None)
+    code = (
+        "import json, fused_dropout\n"
+        "from fused_dropout import _loader\n"
+        "print(json.dumps({'path': _loader.load(), 'cuda': _loader.built_with_cuda()}))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert r.returncode == 0, r.stderr[-5000:]
+    built = json.loads(r.stdout.strip().splitlines()[-1])
+    assert built["cuda"] is True
+
+    tool = kernels.find_tool("cuobjdump")
+    usage = subprocess.run(
+        [tool, "--dump-resource-usage", built["path"]], capture_output=True, text=True, check=True
+    ).stdout
+    for arch in ("sm_80", "sm_90"):
+        assert f"arch = {arch}" in usage, usage[:2000]
+    per_kernel = [line for line in usage.splitlines() if "REG:" in line]
+    assert len(per_kernel) >= 2 * 20, usage[:2000]  # every variant, for both archs
+    assert all(
+        re.search(r"\bSTACK:0\b", line) and re.search(r"\bLOCAL:0\b", line) for line in per_kernel
+    ), usage
+
+    sass = kernels.parse_sass(
+        subprocess.run(
+            [tool, "--dump-sass", built["path"]], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert sass and all(c["ldg128"] >= 1 and c["stg128"] >= 1 for c in sass.values())

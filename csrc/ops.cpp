@@ -335,6 +335,9 @@ void save_mask_params(AutogradContext* ctx, const Tensor& pair, double p, int64_
 // dropout_backward of `grad` with the saved pair and parameters.
 Tensor regenerate(AutogradContext* ctx, const Tensor& grad) {
   if (!grad.defined()) return grad;
+  // Without create_graph there is no graph to record: skip the autograd kernel.
+  std::optional<at::AutoDispatchBelowADInplaceOrView> no_graph;
+  if (!at::GradMode::is_enabled()) no_graph.emplace();
   return call_dropout_backward(grad, ctx->get_saved_variables()[0], ctx->saved_data["p"].toDouble(),
                                ctx->saved_data["mask_ndim"].toInt(),
                                ctx->saved_data["scale_by_keep"].toBool(),

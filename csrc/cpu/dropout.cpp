@@ -147,11 +147,15 @@ template <typename scalar_t>
 constexpr bool kBlockKernel =
     std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
 
-template <bool kResidual, typename raw>
-void apply_block(const raw* x, const raw* residual, raw* out, uint64_t bits, float scale) {
+// bias, when kBias, is the block's slice of the bias (the block is inside one row).
+template <bool kResidual, bool kBias, typename raw>
+void apply_block(const raw* x, const raw* residual, const raw* bias, raw* out, uint64_t bits,
+                 float scale) {
   const __m512 s = _mm512_set1_ps(scale);
   for (int q = 0; q < 4; ++q) {
-    __m512 y = _mm512_maskz_mul_ps(static_cast<__mmask16>(bits >> (16 * q)), load16(x + 16 * q), s);
+    __m512 v = load16(x + 16 * q);
+    if constexpr (kBias) v = _mm512_add_ps(v, load16(bias + 16 * q));
+    __m512 y = _mm512_maskz_mul_ps(static_cast<__mmask16>(bits >> (16 * q)), v, s);
     if constexpr (kResidual) y = _mm512_add_ps(y, load16(residual + 16 * q));
     store16(out + 16 * q, y);
   }
@@ -208,14 +212,16 @@ void run_elementwise(const Operands<scalar_t>& o, const MaskedOpArgs& a,
       const int64_t e0 = b * kBlock;
       const int64_t n = std::min(kBlock, a.numel - e0);
 #ifdef FD_CPU_AVX512
-      if constexpr (kBlockKernel<scalar_t> && !kBias && !kShift) {
-        if (n == kBlock) {
+      if constexpr (kBlockKernel<scalar_t> && !kShift) {
+        const int64_t col = kBias ? e0 % o.bias_len : 0;
+        if (n == kBlock && (!kBias || col + kBlock <= o.bias_len)) {
           const uint64_t bits = a.affine.keep_all ? ~uint64_t(0)
                                 : a.affine.threshold == 0
                                     ? 0
                                     : keep_bits(philox_block(stream, e0), a.affine.threshold);
-          apply_block<kResidual>(o.x + e0, kResidual ? o.residual + e0 : nullptr, o.out + e0, bits,
-                                 o.consts.scale);
+          apply_block<kResidual, kBias>(o.x + e0, kResidual ? o.residual + e0 : nullptr,
+                                        kBias ? o.bias + col : nullptr, o.out + e0, bits,
+                                        o.consts.scale);
           continue;
         }
       }

@@ -262,7 +262,18 @@ void run_broadcast(const Operands<scalar_t>& o, const MaskedOpArgs& a, const Phi
         int64_t len = std::min(i1, (outer + 1) * map.run) - i;
         const int64_t col = kBias ? i % o.bias_len : 0;
         if (kBias) len = std::min(len, o.bias_len - col);
-        apply_segment<false, kResidual, kBias, kShift>(o, i, len, &keep[outer * map.stride], col);
+        const uint8_t* flag = &keep[outer * map.stride];
+#ifdef FD_CPU_AVX512
+        if constexpr (kBlockKernel<scalar_t> && !kShift && !kBias) {
+          // The whole run shares one flag: full blocks as masked multiplies.
+          const uint64_t bits = *flag ? ~uint64_t(0) : 0;
+          for (; len >= kBlock; len -= kBlock, i += kBlock) {
+            apply_block<kResidual, false>(o.x + i, kResidual ? o.residual + i : nullptr, o.bias,
+                                          o.out + i, bits, o.consts.scale);
+          }
+        }
+#endif
+        apply_segment<false, kResidual, kBias, kShift>(o, i, len, flag, col);
         i += len;
       } else {
         const int64_t c = i % map.period;

@@ -36,3 +36,21 @@ def randn(shape, dtype, seed=0) -> torch.Tensor:
     """Standard normal ``shape`` in ``dtype``, drawn from its own generator."""
     base = torch.float64 if dtype == torch.float64 else torch.float32
     return torch.randn(shape, generator=gen(seed), dtype=base).to(dtype)
+
+
+def run_steps(model, x, gy, seed, steps=2):
+    """``steps`` forward/backward passes from ``torch.manual_seed(seed)``: per step the
+    output, the input's gradient and the parameters' gradients (torch.compile's
+    ``_orig_mod.`` prefix removed), to compare an eager model with its compiled copy."""
+    torch.manual_seed(seed)
+    outs = []
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        xx = x.detach().clone().requires_grad_()
+        y = model(xx)
+        y.backward(gy)
+        grads = {
+            n.removeprefix("_orig_mod."): prm.grad.clone() for n, prm in model.named_parameters()
+        }
+        outs.append((y.detach(), xx.grad, grads))
+    return outs

@@ -32,6 +32,7 @@ if _HERE not in sys.path:
 ref = importlib.import_module("reference")  # tests/reference.py, whatever the import mode
 from helpers import assert_bitwise, bits, randn  # noqa: E402
 from helpers import gen as _gen  # noqa: E402
+from helpers import run_steps as _run_steps  # noqa: E402
 
 OPS = torch.ops.fused_dropout
 
@@ -726,21 +727,6 @@ class _ResidualBlock(torch.nn.Module):
 
     def forward(self, x):
         return FD.drop_path_add(x, self.mlp(x), self.p, self.training)
-
-
-def _run_steps(model, x, gy, seed, steps=2):
-    torch.manual_seed(seed)
-    outs = []
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        xx = x.detach().clone().requires_grad_()
-        y = model(xx)
-        y.backward(gy)
-        grads = {
-            n.removeprefix("_orig_mod."): prm.grad.clone() for n, prm in model.named_parameters()
-        }
-        outs.append((y.detach(), xx.grad, grads))
-    return outs
 
 
 def test_torch_compile_fullgraph_residual_block_matches_eager():

@@ -43,45 +43,40 @@ FD_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 }
 
 #if !defined(__CUDACC__)
-// The CPU runs 16 (AVX-512) or 8 counters at once: the same round arithmetic on
-// a vector of words (GCC/Clang vector extensions). even/odd: the 32x32->64
-// products of the even and odd lanes (vpmuludq; for the generic form GCC emits a
-// slow full 64x64 multiply).
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint64_t u64x8 __attribute__((vector_size(64)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef uint64_t u64x4 __attribute__((vector_size(32)));
+// The CPU runs one SIMD register of counters at once (16 with AVX-512, else 8):
+// the same round arithmetic on a vector of words (GCC/Clang vector extensions).
+#if defined(__AVX512F__)
+typedef uint32_t PhiloxLanes __attribute__((vector_size(64)));
+typedef uint64_t PhiloxLanes64 __attribute__((vector_size(64)));
+#else
+typedef uint32_t PhiloxLanes __attribute__((vector_size(32)));
+typedef uint64_t PhiloxLanes64 __attribute__((vector_size(32)));
+#endif
 
-template <typename U32, typename U64>
-inline void combine_hilo(U64 even, U64 odd, U32& hi, U32& lo) {
-  const U64 lo64 = (even & 0xFFFFFFFFu) | (odd << 32);
-  const U64 hi64 = (even >> 32) | (odd & 0xFFFFFFFF00000000u);
-  lo = reinterpret_cast<const U32&>(lo64);
-  hi = reinterpret_cast<const U32&>(hi64);
-}
-
-inline void mulhilo32(u32x16 a, uint32_t b, u32x16& hi, u32x16& lo) {
-  const u64x8 wide = reinterpret_cast<u64x8&>(a);
+// even/odd: the 32x32->64 products of the even and odd lanes. vpmuludq where the
+// ISA has it; for the generic form GCC emits a slow full 64x64 multiply.
+inline void mulhilo32(PhiloxLanes a, uint32_t b, PhiloxLanes& hi, PhiloxLanes& lo) {
+  const PhiloxLanes64 wide = reinterpret_cast<PhiloxLanes64&>(a);
 #if defined(__AVX512F__)
   const __m512i m = _mm512_set1_epi64(b);
-  combine_hilo(reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide), m)),
-               reinterpret_cast<u64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide >> 32), m)),
-               hi, lo);
-#else
-  combine_hilo((wide & 0xFFFFFFFFu) * b, (wide >> 32) * b, hi, lo);
-#endif
-}
-
-inline void mulhilo32(u32x8 a, uint32_t b, u32x8& hi, u32x8& lo) {
-  const u64x4 wide = reinterpret_cast<u64x4&>(a);
-#if defined(__AVX2__)
+  const auto even =
+      reinterpret_cast<PhiloxLanes64>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide), m));
+  const auto odd =
+      reinterpret_cast<PhiloxLanes64>(_mm512_mul_epu32(reinterpret_cast<__m512i>(wide >> 32), m));
+#elif defined(__AVX2__)
   const __m256i m = _mm256_set1_epi64x(b);
-  combine_hilo(reinterpret_cast<u64x4>(_mm256_mul_epu32(reinterpret_cast<__m256i>(wide), m)),
-               reinterpret_cast<u64x4>(_mm256_mul_epu32(reinterpret_cast<__m256i>(wide >> 32), m)),
-               hi, lo);
+  const auto even =
+      reinterpret_cast<PhiloxLanes64>(_mm256_mul_epu32(reinterpret_cast<__m256i>(wide), m));
+  const auto odd =
+      reinterpret_cast<PhiloxLanes64>(_mm256_mul_epu32(reinterpret_cast<__m256i>(wide >> 32), m));
 #else
-  combine_hilo((wide & 0xFFFFFFFFu) * b, (wide >> 32) * b, hi, lo);
+  const PhiloxLanes64 even = (wide & 0xFFFFFFFFu) * b;
+  const PhiloxLanes64 odd = (wide >> 32) * b;
 #endif
+  const PhiloxLanes64 lo64 = (even & 0xFFFFFFFFu) | (odd << 32);
+  const PhiloxLanes64 hi64 = (even >> 32) | (odd & 0xFFFFFFFF00000000u);
+  lo = reinterpret_cast<const PhiloxLanes&>(lo64);
+  hi = reinterpret_cast<const PhiloxLanes&>(hi64);
 }
 #endif
 

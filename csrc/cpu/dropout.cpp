@@ -18,12 +18,8 @@ namespace fused_dropout {
 namespace {
 
 // Elements per Philox batch: kLanes independent counters (one SIMD register of
-// 32-bit lanes), 4 words each.
-#if defined(__AVX512F__)
-using LaneVec = u32x16;
-#else
-using LaneVec = u32x8;
-#endif
+// 32-bit lanes, core/philox.h), 4 words each.
+using LaneVec = PhiloxLanes;
 constexpr int64_t kLanes = sizeof(LaneVec) / sizeof(uint32_t);
 constexpr int64_t kBlock = 4 * kLanes;
 // Work per parallel task; below this the call runs inline on one thread.
@@ -62,8 +58,9 @@ BlockWords philox_block(const PhiloxStream& stream, int64_t m0) {
   const uint64_t g0 = static_cast<uint64_t>(m0) / 4;
   const uint32_t g0_lo = static_cast<uint32_t>(g0);
   LaneVec lane;
-  for (int l = 0; l < kLanes; ++l) lane[l] = l;  // a constant after folding
-  // Built with vector ops: lane-wise stores followed by a vector load stall.
+  for (int l = 0; l < kLanes; ++l) lane[l] = l;  // 0, 1, 2, ...: folded to a constant
+  // The counters are built with vector ops: lane-wise stores of runtime values
+  // followed by a vector load would stall on store forwarding.
   LaneVec c0 = lane * 0u + stream.o_lo;
   LaneVec c1 = lane * 0u + stream.o_hi;
   LaneVec c2 = lane + g0_lo;
@@ -76,11 +73,13 @@ BlockWords philox_block(const PhiloxStream& stream, int64_t m0) {
 }
 
 #ifdef FD_CPU_AVX512
-// Bit e of the result: keep element m0 + e (the compare of keep_word, interleaved).
-uint64_t keep_bits(const BlockWords& b, uint32_t threshold) {
-  const __m512i t = _mm512_set1_epi32(static_cast<int>(threshold));
+// Bit j: keep mask element m0 + j (j < kBlock = 64; m0 a multiple of 4).
+uint64_t keep_bits(const PhiloxStream& stream, const MaskedAffine& a, int64_t m0) {
+  if (a.keep_all || a.threshold == 0) return a.keep_all ? ~uint64_t(0) : 0;
+  const BlockWords b = philox_block(stream, m0);
+  const __m512i t = _mm512_set1_epi32(static_cast<int>(a.threshold));
   uint64_t bits = 0;
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < 4; ++j) {  // word j of group l decides element 4l + j
     const uint64_t m = _mm512_cmplt_epu32_mask(reinterpret_cast<__m512i>(b.w[j]), t);
     bits |= _pdep_u64(m, 0x1111111111111111ull << j);
   }
@@ -90,14 +89,15 @@ uint64_t keep_bits(const BlockWords& b, uint32_t threshold) {
 
 // keep[j] for mask elements m0 + j, j < kBlock; m0 is a multiple of 4.
 void draw_keep_block(const PhiloxStream& stream, const MaskedAffine& a, int64_t m0, uint8_t* keep) {
+#ifdef FD_CPU_AVX512
+  _mm512_storeu_si512(keep, _mm512_maskz_set1_epi8(keep_bits(stream, a, m0), 1));
+#else
   if (a.keep_all || a.threshold == 0) {
     std::fill(keep, keep + kBlock, static_cast<uint8_t>(a.keep_all));
     return;
   }
   const BlockWords b = philox_block(stream, m0);
-#ifdef FD_CPU_AVX512
-  _mm512_storeu_si512(keep, _mm512_maskz_set1_epi8(keep_bits(b, a.threshold), 1));
-#elif (defined(__clang__) || __GNUC__ >= 12) && !defined(__AVX512F__)
+#if (defined(__clang__) || __GNUC__ >= 12) && !defined(__AVX512F__)
   // Interleave the four compare results of kLanes = 8 counters into 32 bytes.
   typedef uint8_t u8x8 __attribute__((vector_size(8)));
   typedef uint8_t u8x16 __attribute__((vector_size(16)));
@@ -117,6 +117,7 @@ void draw_keep_block(const PhiloxStream& stream, const MaskedAffine& a, int64_t 
   for (int l = 0; l < kLanes; ++l) {
     for (int j = 0; j < 4; ++j) keep[4 * l + j] = keep_word(b.w[j][l], a.threshold);
   }
+#endif
 #endif
 }
 
@@ -176,6 +177,7 @@ struct Operands {
 
 // Elements [i, i + len): keep flag keep[k] (kPerElementKeep) or keep[0] for all.
 // The bias, if any, starts at column col and does not wrap inside the segment.
+// Out of line: inlined into the parallel loops, GCC does not vectorize it for AVX2.
 template <bool kPerElementKeep, bool kResidual, bool kBias, bool kShift, typename scalar_t>
 __attribute__((noinline)) void apply_segment(const Operands<scalar_t>& o, int64_t i, int64_t len,
                                              const uint8_t* keep, int64_t col) {
@@ -215,10 +217,7 @@ void run_elementwise(const Operands<scalar_t>& o, const MaskedOpArgs& a,
       if constexpr (kBlockKernel<scalar_t> && !kShift) {
         const int64_t col = kBias ? e0 % o.bias_len : 0;
         if (n == kBlock && (!kBias || col + kBlock <= o.bias_len)) {
-          const uint64_t bits = a.affine.keep_all ? ~uint64_t(0)
-                                : a.affine.threshold == 0
-                                    ? 0
-                                    : keep_bits(philox_block(stream, e0), a.affine.threshold);
+          const uint64_t bits = keep_bits(stream, a.affine, e0);
           apply_block<kResidual, kBias>(o.x + e0, kResidual ? o.residual + e0 : nullptr,
                                         kBias ? o.bias + col : nullptr, o.out + e0, bits,
                                         o.consts.scale);

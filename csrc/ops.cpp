@@ -131,18 +131,22 @@ bool same_strides(const Tensor& a, const optional<Tensor>& b) {
   return !b || b->strides() == a.strides();
 }
 
-// The kernel walks memory in order; choose a MaskMap for which that order is
-// valid, or report that the operands must be made contiguous first.
+// The map for the contiguous layout: runs of `inner` elements share a mask element.
+MaskMap contiguous_map(const Tensor& input, int64_t k) {
+  MaskMap map;
+  map.mask_numel = c10::multiply_integers(input.sizes().slice(0, k));
+  map.run = map.mask_numel == 0 ? 1 : input.numel() / map.mask_numel;
+  return map;
+}
+
+// The kernel walks memory in order; choose a MaskMap for which the operands'
+// own layout is valid, or report that they must be made contiguous first.
 optional<MaskMap> direct_map(const Tensor& input, const optional<Tensor>& residual, bool has_bias,
                              int64_t k) {
   if (!same_strides(input, residual)) return std::nullopt;
-  MaskMap map;
-  map.mask_numel = c10::multiply_integers(input.sizes().slice(0, k));
-  const int64_t inner = map.mask_numel == 0 ? 1 : input.numel() / map.mask_numel;
-  if (input.is_contiguous()) {
-    map.run = inner;
-    return map;
-  }
+  MaskMap map = contiguous_map(input, k);
+  if (input.is_contiguous()) return map;
+  const int64_t inner = map.run;
   if (has_bias || inner == 1 || k > 2) return std::nullopt;
   const auto format = input.dim() == 4   ? at::MemoryFormat::ChannelsLast
                       : input.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
@@ -192,15 +196,15 @@ void launch(const MaskedOpArgs& args, const Tensor& input, const RngSource& rng,
 
 // Runs one masked op into `out` (which may be `input`) and returns the
 // (seed, offset) pair used as an int64[2] tensor on the input's device.
+// The mask covers the leading k dims (mask_dims()).
 Tensor run_masked(const Tensor& input, const optional<Tensor>& residual,
-                  const optional<Tensor>& bias, Tensor& out, int64_t mask_ndim,
-                  const MaskedAffine& affine, const RngSource& rng) {
-  const int64_t k = mask_ndim == -1 ? input.dim() : mask_ndim;
+                  const optional<Tensor>& bias, Tensor& out, int64_t k, const MaskedAffine& affine,
+                  const RngSource& rng) {
   const bool draw = !affine.keep_all && input.numel() > 0;
   const optional<MaskMap> direct = direct_map(input, residual, bias.has_value(), k);
 
   MaskedOpArgs args;
-  args.dtype = kernel_dtype(input, "dropout");
+  args.dtype = kernel_dtype(input, "dropout");  // checked by check_op
   args.numel = input.numel();
   args.affine = affine;
   Tensor x = input, r = residual.value_or(Tensor()), o = out, b;
@@ -210,8 +214,7 @@ Tensor run_masked(const Tensor& input, const optional<Tensor>& residual,
     x = input.contiguous();
     if (residual) r = residual->contiguous();
     o = at::empty(input.sizes(), input.options());
-    args.map =
-        *direct_map(x, r.defined() ? optional<Tensor>(r) : std::nullopt, bias.has_value(), k);
+    args.map = contiguous_map(x, k);
   }
   if (bias) {
     b = bias->contiguous();
@@ -230,16 +233,22 @@ Tensor run_masked(const Tensor& input, const optional<Tensor>& residual,
 
 // ---------------------------------------------------------------- kernels
 
+// The checks every op runs before anything is written; returns the mask's k.
+int64_t check_op(const Tensor& input, double p, int64_t mask_ndim, const RngSource& rng,
+                 const char* op) {
+  check_p(p);
+  kernel_dtype(input, op);
+  check_device(input, op);
+  check_rng(rng, input, op);
+  return mask_dims(input, mask_ndim, op);
+}
+
 std::tuple<Tensor, Tensor> dropout_impl(const Tensor& input, double p, int64_t mask_ndim,
                                         bool scale_by_keep, bool alpha, optional<int64_t> seed,
                                         optional<int64_t> offset,
                                         optional<at::Generator> generator) {
-  check_p(p);
-  kernel_dtype(input, "dropout");
-  check_device(input, "dropout");
   const RngSource rng{seed, offset, generator};
-  check_rng(rng, input, "dropout");
-  const int64_t k = mask_dims(input, mask_ndim, "dropout");
+  const int64_t k = check_op(input, p, mask_ndim, rng, "dropout");
   Tensor out = at::empty_like(input);
   Tensor pair = run_masked(input, std::nullopt, std::nullopt, out, k,
                            make_affine(p, scale_by_keep, alpha, /*backward=*/false), rng);
@@ -249,12 +258,8 @@ std::tuple<Tensor, Tensor> dropout_impl(const Tensor& input, double p, int64_t m
 Tensor dropout_inplace_impl(Tensor& input, double p, int64_t mask_ndim, bool scale_by_keep,
                             bool alpha, optional<int64_t> seed, optional<int64_t> offset,
                             optional<at::Generator> generator) {
-  check_p(p);
-  kernel_dtype(input, "dropout_");
-  check_device(input, "dropout_");
   const RngSource rng{seed, offset, generator};
-  check_rng(rng, input, "dropout_");
-  const int64_t k = mask_dims(input, mask_ndim, "dropout_");
+  const int64_t k = check_op(input, p, mask_ndim, rng, "dropout_");
   at::assert_no_internal_overlap(input);
   return run_masked(input, std::nullopt, std::nullopt, input, k,
                     make_affine(p, scale_by_keep, alpha, /*backward=*/false), rng);
@@ -262,13 +267,9 @@ Tensor dropout_inplace_impl(Tensor& input, double p, int64_t mask_ndim, bool sca
 
 Tensor dropout_backward_impl(const Tensor& grad, const Tensor& seed_offset, double p,
                              int64_t mask_ndim, bool scale_by_keep, bool alpha) {
-  check_p(p);
-  kernel_dtype(grad, "dropout_backward");
-  check_device(grad, "dropout_backward");
   RngSource rng;
   rng.pair = &seed_offset;
-  check_rng(rng, grad, "dropout_backward");
-  const int64_t k = mask_dims(grad, mask_ndim, "dropout_backward");
+  const int64_t k = check_op(grad, p, mask_ndim, rng, "dropout_backward");
   Tensor out = at::empty_like(grad);
   run_masked(grad, std::nullopt, std::nullopt, out, k,
              make_affine(p, scale_by_keep, alpha, /*backward=*/true), rng);
@@ -280,11 +281,9 @@ std::tuple<Tensor, Tensor> dropout_add_impl(const Tensor& input, const Tensor& r
                                             int64_t mask_ndim, bool scale_by_keep,
                                             optional<int64_t> seed, optional<int64_t> offset,
                                             optional<at::Generator> generator) {
-  check_p(p);
-  kernel_dtype(input, "dropout_add");
-  check_device(input, "dropout_add");
+  const RngSource rng{seed, offset, generator};
+  const int64_t k = check_op(input, p, mask_ndim, rng, "dropout_add");
   check_same(input, residual, "residual", "dropout_add");
-  const int64_t k = mask_dims(input, mask_ndim, "dropout_add");
   if (bias) {
     TORCH_CHECK(input.dim() >= 1,
                 "fused_dropout.dropout_add: a bias needs an input with at "
@@ -298,8 +297,6 @@ std::tuple<Tensor, Tensor> dropout_add_impl(const Tensor& input, const Tensor& r
                      "fused_dropout.dropout_add: bias has dtype ", bias->scalar_type(),
                      " but input has dtype ", input.scalar_type());
   }
-  const RngSource rng{seed, offset, generator};
-  check_rng(rng, input, "dropout_add");
   Tensor out = at::empty_like(input);
   Tensor pair = run_masked(input, residual, bias, out, k,
                            make_affine(p, scale_by_keep, /*alpha=*/false, /*backward=*/false), rng);

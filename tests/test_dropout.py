@@ -1068,3 +1068,15 @@ def test_seed_offset_given_means_no_draw():
     state = torch.get_rng_state()
     FD.dropout(torch.ones(10), 0.5, seed_offset=(1, 0))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_torch_export_keeps_the_op_and_matches_eager():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), fused_dropout.Dropout(0.5)).train()
+    x = torch.randn(4, 8)
+    exported = torch.export.export(model, (x,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert torch.ops.fused_dropout.dropout.default in targets
+    torch.manual_seed(0)
+    got = exported.module()(x)
+    torch.manual_seed(0)
+    assert_bitwise(got, model(x))

@@ -8,7 +8,8 @@
 3. otherwise it compiles ``csrc/`` with ninja through ``torch.utils.cpp_extension``, under an OS
    file lock, and caches the result.
 
-Sources: ``csrc/ops.cpp`` and ``csrc/cpu/*.cpp``; in a CUDA build also ``csrc/cuda/*.cu`` and
+Sources: ``csrc/ops.cpp`` (the schemas), ``csrc/ops/*.cpp`` (checks, RNG, launch, autograd) and
+``csrc/cpu/*.cpp``; in a CUDA build also ``csrc/cuda/*.cu`` and
 ``csrc/cuda/*.cpp``, with ``-DFUSED_DROPOUT_WITH_CUDA`` for every C++ and CUDA source. ``csrc/`` is
 the include directory. It is looked up inside the package (``fused_dropout/csrc``, what a
 non-editable install ships) and then at the repository root (``<repo>/csrc``).
@@ -195,7 +196,11 @@ def find_source_dir() -> Path | None:
 def source_files(source_dir: str | os.PathLike, with_cuda: bool) -> list[Path]:
     """The translation units of a build, in a fixed order."""
     src = Path(source_dir)
-    files = [src / "ops.cpp", *sorted((src / "cpu").glob("*.cpp"))]
+    files = [
+        src / "ops.cpp",
+        *sorted((src / "ops").glob("*.cpp")),
+        *sorted((src / "cpu").glob("*.cpp")),
+    ]
     if with_cuda:
         files += sorted((src / "cuda").glob("*.cu")) + sorted((src / "cuda").glob("*.cpp"))
     return files

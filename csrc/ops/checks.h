@@ -1,0 +1,24 @@
+// The argument checks every op runs before anything is written.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "core/masked_op.h"
+#include "ops/rng.h"
+
+namespace fused_dropout {
+
+// The kernel dtype of a floating-point tensor; a RuntimeError (as torch's) for others.
+DType kernel_dtype(const at::Tensor& t, const char* op);
+
+// `other` (a residual) must match the input exactly: no broadcasting, no promotion.
+void check_same(const at::Tensor& input, const at::Tensor& other, const char* name, const char* op);
+
+// A bias of dropout_add: 1-D over the input's last dim, same device and dtype.
+void check_bias(const at::Tensor& input, const at::Tensor& bias, const char* op);
+
+// p, dtype, device, the RNG source and mask_ndim; returns the mask's number of leading dims.
+int64_t check_op(const at::Tensor& input, double p, int64_t mask_ndim, const RngSource& rng,
+                 const char* op);
+
+}  // namespace fused_dropout

@@ -197,3 +197,13 @@ def test_saved_for_backward_is_the_pair_only():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         FD.dropout(x, 0.5).sum().backward()
     assert sum(saved) <= 64
+
+
+def test_empty_tensor_reports_the_pair_it_was_given():
+    x = torch.empty(0, device="cuda")
+    for pair in (
+        ops.dropout(x, 0.5, seed_offset=(5, 8))[1],
+        ops.dropout_add(x, x, None, 0.5, seed_offset=(5, 8))[1],
+    ):
+        assert pair.tolist() == [5, 8]
+    assert ops.dropout(x.cpu(), 0.5, seed_offset=(5, 8))[1].tolist() == [5, 8]

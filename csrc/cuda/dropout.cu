@@ -230,8 +230,9 @@ void launch_variant(const Params<D>& p, cudaStream_t stream) {
   constexpr int kUnit = std::max<int>(4, int(16 / sizeof(typename DeviceStorage<D>::raw)));
   const int64_t units = (p.numel + kUnit - 1) / kUnit;
   const int64_t wanted = (units + kThreads - 1) / kThreads;
+  // At least one block: for an empty tensor it still writes the pair.
   const int blocks =
-      static_cast<int>(std::min<int64_t>(wanted, int64_t(sm_count()) * kBlocksPerSm));
+      static_cast<int>(std::clamp<int64_t>(wanted, 1, int64_t(sm_count()) * kBlocksPerSm));
   masked_kernel<D, kElementwise, kResidual, kBias, kShift><<<blocks, kThreads, 0, stream>>>(p);
 }
 
@@ -283,7 +284,6 @@ cudaError_t launch_typed(const MaskedOpArgs& a, at::PhiloxCudaState philox, cons
 
 cudaError_t masked_op_cuda(const MaskedOpArgs& args, at::PhiloxCudaState philox,
                            const int64_t* pair_in, int64_t* pair_out, cudaStream_t stream) {
-  if (args.numel == 0) return cudaSuccess;
   switch (args.dtype) {
     case DType::kFloat:
       return launch_typed<DType::kFloat>(args, philox, pair_in, pair_out, stream);

@@ -64,11 +64,8 @@ void launch(const MaskedOpArgs& args, const Tensor& input, const RngSource& rng,
   c10::cuda::CUDAGuard guard(input.device());
   const at::PhiloxCudaState philox = cuda_philox_state(rng, draw, input.device().index());
   const int64_t* pair_in = rng.pair ? rng.pair->const_data_ptr<int64_t>() : nullptr;
-  // The kernel writes the pair it used; with nothing to launch it stays (0, 0).
-  if (!rng.pair) {
-    const auto options = input.options().dtype(at::kLong);
-    pair = args.numel > 0 ? at::empty({2}, options) : at::zeros({2}, options);
-  }
+  // The kernel writes the pair it used (also for an empty tensor).
+  if (!rng.pair) pair = at::empty({2}, input.options().dtype(at::kLong));
   C10_CUDA_CHECK(masked_op_cuda(args, philox, pair_in,
                                 rng.pair ? nullptr : pair.mutable_data_ptr<int64_t>(),
                                 c10::cuda::getCurrentCUDAStream(input.device().index()).stream()));

@@ -1,0 +1,487 @@
+"""The CUDA kernels of csrc/cuda, built by the host C++ compiler and executed on the CPU.
+
+``build()`` compiles every ``csrc/cuda/*.cu`` and ``csrc/testing/*.{cu,cpp}`` as C++ with
+``csrc/testing/cuda_host.h`` (a small model of CUDA's execution) force-included. The sources are
+used as they are, except that each ``kernel<<<config>>>(args)`` launch is rewritten into a call of
+the model (``rewrite_launches``), and a test may apply a ``Mutation`` (an injected bug).
+The build also traps misaligned and out-of-bounds typed accesses (``-fsanitize=alignment,bounds``
+with traps), as the GPU faults on them.
+
+``HostCuda.masked_op`` runs one op through the real launcher, ``masked_op_cuda``: the operands are
+copied into guarded buffers (``Guarded``: a PROT_NONE page after the data, canary bytes around it)
+with their own alignment kept, and the op's mask map is chosen as ``csrc/ops.cpp`` chooses it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import mmap
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CSRC = REPO / "csrc"
+CXX_FLAGS = (
+    "-std=c++17",
+    "-O1",
+    "-ffp-contract=off",  # every add and multiply rounded on its own, as on the GPU
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-fsanitize=alignment,bounds",
+    "-fsanitize-undefined-trap-on-error",  # no runtime library: a trap (SIGILL)
+    "-Wall",
+    "-Wno-unknown-pragmas",  # #pragma unroll
+)
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+PAGE = mmap.PAGESIZE
+CANARY = 0xFF  # every float dtype reads 0xFF.. bytes as NaN: a read of it shows in the result
+
+
+def cuda_include() -> Path | None:
+    """The CUDA toolkit's include directory, if it has the headers the model needs."""
+    home = Path(os.environ.get("CUDA_HOME") or "/usr/local/cuda")
+    inc = home / "include"
+    ok = all((inc / h).is_file() for h in ("cuda_fp16.h", "cuda_runtime_api.h"))
+    return inc if ok else None
+
+
+def unavailable_reason() -> str | None:
+    if cuda_include() is None:
+        return "needs the CUDA toolkit headers (cuda_fp16.h, cuda_runtime_api.h) under $CUDA_HOME"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "needs a host C++ compiler"
+    return None
+
+
+# ---------------------------------------------------------------- the build
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    """An injected bug: in ``path`` (relative to csrc/), ``old`` replaced by ``new``."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+
+    def apply(self, text: str) -> str:
+        count = text.count(self.old)
+        if count != 1:
+            raise ValueError(
+                f"mutation {self.name!r}: {self.old!r} occurs {count} times in csrc/{self.path} "
+                "(expected once); the kernel changed, update the mutation in tests/"
+            )
+        return text.replace(self.old, self.new)
+
+
+_LAUNCH = re.compile(r"<<<(.*?)>>>", re.S)
+
+
+def rewrite_launches(text: str) -> str:
+    """``k<args...><<<cfg>>>(...)`` -> ``::cuda_host::launch(k<args...>, LaunchConfig(cfg))(...)``.
+
+    The kernel expression is the identifier (with ``::`` and template arguments) just before
+    ``<<<``. Lines are kept, so compiler messages point at the original source.
+    """
+    out, pos = [], 0
+    for m in _LAUNCH.finditer(text):
+        end = m.start()  # scan back over balanced <...> (and (...) inside them), then the name
+        i, angles, parens = end, 0, 0
+        while i > 0:
+            c = text[i - 1]
+            if c in ")(":
+                parens += 1 if c == ")" else -1
+            elif parens == 0 and c == ">":
+                angles += 1
+            elif parens == 0 and c == "<" and angles:
+                angles -= 1
+            elif angles == 0 and parens == 0 and not (c.isalnum() or c in "_:"):
+                break
+            i -= 1
+        if i == end:
+            raise ValueError(f"cannot find the kernel of the launch at offset {end}")
+        out += [
+            text[pos:i],
+            f"::cuda_host::launch({text[i:end]}, ::cuda_host::LaunchConfig({m.group(1)}))",
+        ]
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _sources() -> list[Path]:
+    return sorted((CSRC / "cuda").glob("*.cu")) + sorted(
+        p for p in (CSRC / "testing").iterdir() if p.suffix in (".cu", ".cpp")
+    )
+
+
+def _build_dir(mutations: tuple[Mutation, ...], cxx: str) -> Path:
+    h = hashlib.sha256()
+    for p in sorted(CSRC.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(CSRC)).encode() + b"\0" + p.read_bytes())
+    h.update(repr((mutations, CXX_FLAGS, cxx, torch.__version__, str(cuda_include()))).encode())
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache/torch_extensions")
+    return root / "fused_dropout_cuda_host" / h.hexdigest()[:16]
+
+
+def build(mutations: tuple[Mutation, ...] = (), jobs: int = 2) -> HostCuda:
+    """Compile (or reuse) the host build of the CUDA sources with ``mutations`` applied."""
+    cxx = os.environ.get("CXX", "c++")
+    out_dir = _build_dir(mutations, cxx)
+    lib = out_dir / "cuda_host.so"
+    if not lib.is_file():
+        work = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        units = []
+        for src in _sources():
+            rel = str(src.relative_to(CSRC))
+            text = src.read_text()
+            for m in mutations:
+                if m.path == rel:
+                    text = m.apply(text)
+            unit = work / (rel.replace("/", "__") + ".cpp")
+            unit.write_text(f'#line 1 "{src}"\n' + rewrite_launches(text))
+            units.append(unit)
+        unknown = {m.path for m in mutations} - {str(s.relative_to(CSRC)) for s in _sources()}
+        if unknown:
+            raise ValueError(f"mutations of files that are not built: {sorted(unknown)}")
+        include = [
+            f"-I{CSRC}",
+            f"-I{cuda_include()}",
+            f"-I{Path(torch.__file__).parent / 'include'}",
+            "-include",
+            "testing/cuda_host.h",
+        ]
+
+        def compile_unit(unit: Path) -> Path:
+            obj = unit.with_suffix(".o")
+            _run([cxx, *CXX_FLAGS, *include, "-c", str(unit), "-o", str(obj)])
+            return obj
+
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            objects = list(pool.map(compile_unit, units))
+        _run([cxx, "-shared", *CXX_FLAGS, *map(str, objects), "-o", str(work / lib.name)])
+        try:
+            work.rename(out_dir)
+        except OSError:  # another process published the same build first
+            shutil.rmtree(work, ignore_errors=True)
+    return HostCuda(lib)
+
+
+def _run(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"host build of the CUDA sources failed:\n{' '.join(cmd)}\n{r.stderr}")
+
+
+# ---------------------------------------------------------------- guarded memory
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+class Guarded:
+    """``nbytes`` of memory at an address that is ``misalign`` bytes past a multiple of 16.
+
+    The data ends as close to a PROT_NONE page as that alignment allows; the rest of its pages
+    holds canary bytes. An access past the end faults; a write anywhere outside the data shows
+    in ``check()``; a read of the canary shows as NaN in the result.
+    """
+
+    def __init__(self, name: str, nbytes: int, misalign: int = 0):
+        self.name, self.nbytes = name, nbytes
+        data_pages = (nbytes + misalign + 16 + PAGE - 1) // PAGE
+        self._map = mmap.mmap(-1, (data_pages + 1) * PAGE)
+        self._map.write(bytes([CANARY]) * (data_pages * PAGE))
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        guard = base + data_pages * PAGE
+        if _libc.mprotect(guard, PAGE, 0) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect of a guard page failed")
+        self.address = (guard - nbytes - misalign) // 16 * 16 + misalign
+        self.end = self.address + nbytes
+        self._start = self.address - base  # offsets inside the accessible pages
+        self._accessible = data_pages * PAGE
+
+    def write(self, data: bytes) -> None:
+        assert len(data) == self.nbytes
+        self._map[self._start : self._start + self.nbytes] = data
+
+    def read(self) -> bytes:
+        return self._map[self._start : self._start + self.nbytes]
+
+    def check(self) -> None:
+        """Raise if a byte outside the data changed (an out-of-bounds write)."""
+        for lo, hi in ((0, self._start), (self._start + self.nbytes, self._accessible)):
+            region = self._map[lo:hi]
+            if region.count(CANARY) != len(region):
+                at = next(i for i, b in enumerate(region) if b != CANARY) + lo - self._start
+                where = f"{at} bytes before" if at < 0 else f"{at - self.nbytes} bytes past"
+                raise OutOfBounds(
+                    f"out-of-bounds write to {self.name!r}: {where} its end"
+                    if at >= 0
+                    else f"out-of-bounds write to {self.name!r}: {-at} bytes before its start"
+                )
+
+    def describe(self, address: int) -> str:
+        if self.address - PAGE <= address < self.end + PAGE:
+            delta = address - self.address
+            if delta < 0:
+                return f"{-delta} bytes before {self.name!r}"
+            return f"{delta - self.nbytes} bytes past the end of {self.name!r}"
+        return ""
+
+
+def guarded_tensor(name: str, t: torch.Tensor) -> Guarded:
+    """A guarded copy of ``t``'s elements (row-major), at ``t``'s own alignment mod 16."""
+    flat = t.detach().cpu().contiguous().view(-1)
+    g = Guarded(name, flat.numel() * flat.element_size(), t.data_ptr() % 16)
+    g.write(flat.view(torch.uint8).numpy().tobytes())
+    return g
+
+
+def tensor_of(g: Guarded, dtype: torch.dtype) -> torch.Tensor:
+    return (
+        torch.frombuffer(bytearray(g.read()), dtype=dtype)
+        if g.nbytes
+        else torch.empty(0, dtype=dtype)
+    )
+
+
+class OutOfBounds(AssertionError):
+    pass
+
+
+class KernelError(AssertionError):
+    """The host-executed kernel broke a rule of CUDA (or the model caught a fault)."""
+
+
+# ---------------------------------------------------------------- running an op
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """How a launch is shaped: the device's SM count, and optionally a forced grid size."""
+
+    name: str
+    sm_count: int = 132
+    grid_x: int = 0  # > 0: replaces the launcher's grid (valid for grid-stride kernels)
+
+
+GEOMETRIES = (
+    Geometry("h100_132sm"),  # what the launcher picks on a 132-SM device
+    Geometry("one_block", grid_x=1),  # one block strides over everything
+    Geometry("odd_grid_3", grid_x=3),  # a small odd grid: the grid-stride loop runs many times
+)
+
+
+class _HostOp(ctypes.Structure):
+    _fields_ = [
+        ("dtype", ctypes.c_int),
+        ("input", ctypes.c_void_p),
+        ("residual", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("numel", ctypes.c_int64),
+        ("bias_len", ctypes.c_int64),
+        ("run", ctypes.c_int64),
+        ("stride", ctypes.c_int64),
+        ("period", ctypes.c_int64),
+        ("mask_numel", ctypes.c_int64),
+        ("p", ctypes.c_double),
+        ("scale_by_keep", ctypes.c_int),
+        ("alpha", ctypes.c_int),
+        ("backward", ctypes.c_int),
+        ("captured", ctypes.c_int),
+        ("seed", ctypes.c_uint64),
+        ("offset", ctypes.c_uint64),
+        ("seed_ptr", ctypes.c_void_p),
+        ("offset_ptr", ctypes.c_void_p),
+        ("offset_intragraph", ctypes.c_uint32),
+        ("pair_in", ctypes.c_void_p),
+        ("pair_out", ctypes.c_void_p),
+        ("sm_count", ctypes.c_int),
+        ("grid_x", ctypes.c_int),
+        ("launches", ctypes.c_int),
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+    ]
+
+
+@dataclasses.dataclass
+class Result:
+    out: torch.Tensor  # in the input's logical shape (contiguous)
+    pair: tuple[int, int] | None  # what the kernel wrote to pair_out (unsigned), or None
+    launches: int
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+
+
+def _kernel_order(x: torch.Tensor, k: int, has_bias: bool, same_strides: bool):
+    """(permutation to memory order or None, MaskMap fields): ops.cpp's direct_map."""
+    inner = x[(0,) * k].numel() if x.numel() else 1
+    mask_numel = x.shape[:k].numel()
+    contiguous = (1 if mask_numel == 0 else x.numel() // mask_numel, 1, 1, mask_numel)
+    if not same_strides:
+        return None, contiguous
+    if x.is_contiguous():
+        return tuple(range(x.dim())), contiguous
+    if has_bias or contiguous[0] == 1 or k > 2 or x.dim() not in (4, 5):
+        return None, contiguous
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    if not x.is_contiguous(memory_format=fmt):
+        return None, contiguous
+    order = (0, *range(2, x.dim()), 1)
+    if k == 2:
+        c = x.shape[1]
+        return order, (inner * c, c, c, mask_numel)
+    return order, (inner, 1, 1, mask_numel)
+
+
+class HostCuda:
+    """One host build of the CUDA sources (see ``build``)."""
+
+    def __init__(self, lib: Path):
+        self.path = lib
+        self._lib = ctypes.CDLL(str(lib))
+        self._lib.fdh_masked_op.argtypes = (ctypes.POINTER(_HostOp), ctypes.c_char_p, ctypes.c_int)
+
+    def masked_op(
+        self,
+        x: torch.Tensor,
+        p: float,
+        *,
+        geometry: Geometry = GEOMETRIES[0],
+        mask_ndim: int = -1,
+        residual: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        scale_by_keep: bool = True,
+        alpha: bool = False,
+        backward: bool = False,
+        inplace: bool = False,
+        seed_offset: tuple[int, int] = (0, 0),
+        pair_in: tuple[int, int] | None = None,
+        captured_intragraph: int | None = None,
+    ) -> Result:
+        """Run one masked op as ops.cpp would on a GPU and return its result.
+
+        The (seed, offset) pair comes from ``pair_in`` if given (backward), else from a
+        PhiloxCudaState holding ``seed_offset``: plain, or, with ``captured_intragraph``, the
+        graph-captured form (seed and offset read through pointers, plus that increment).
+        """
+        k = x.dim() if mask_ndim == -1 else mask_ndim
+        same = residual is None or residual.stride() == x.stride()
+        order, (run, stride, period, mask_numel) = _kernel_order(x, k, bias is not None, same)
+
+        def kernel_view(t: torch.Tensor) -> torch.Tensor:  # memory order, alignment kept
+            if order is None:
+                return t.contiguous()
+            return t.permute(order)
+
+        buffers: dict[str, Guarded] = {}
+
+        def put(name: str, t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            buffers[name] = g = guarded_tensor(name, t if name == "bias" else kernel_view(t))
+            return g.address
+
+        op = _HostOp()
+        op.dtype = DTYPE_CODE[x.dtype]
+        op.input = put("input", x)
+        op.residual = put("residual", residual)
+        op.bias = put("bias", None if bias is None else bias.contiguous())
+        if inplace:
+            op.out = op.input
+        else:  # a fresh tensor: aligned, as torch's allocators give it
+            buffers["out"] = Guarded("out", x.numel() * x.element_size())
+            op.out = buffers["out"].address
+        op.numel = x.numel()
+        op.bias_len = 0 if bias is None else bias.numel()
+        op.run, op.stride, op.period, op.mask_numel = run, stride, period, mask_numel
+        op.p = p
+        op.scale_by_keep, op.alpha, op.backward = scale_by_keep, alpha, backward
+        seed, offset = (v & 0xFFFFFFFFFFFFFFFF for v in seed_offset)
+        if captured_intragraph is None:
+            op.seed, op.offset = seed, offset
+        else:  # graph capture: torch keeps the seed and the base offset in device memory
+            buffers["seed_ptr"] = _int64_buffer("seed_ptr", [seed])
+            buffers["offset_ptr"] = _int64_buffer("offset_ptr", [offset - captured_intragraph])
+            op.captured = 1
+            op.seed_ptr = buffers["seed_ptr"].address
+            op.offset_ptr = buffers["offset_ptr"].address
+            op.offset_intragraph = captured_intragraph
+        if pair_in is not None:
+            buffers["pair_in"] = _int64_buffer("pair_in", pair_in)
+            op.pair_in = buffers["pair_in"].address
+        else:
+            buffers["pair_out"] = Guarded("pair_out", 16)
+            op.pair_out = buffers["pair_out"].address
+        op.sm_count, op.grid_x = geometry.sm_count, geometry.grid_x
+
+        error = ctypes.create_string_buffer(512)
+        failed = self._lib.fdh_masked_op(ctypes.byref(op), error, len(error))
+        if failed:
+            text = error.value.decode()
+            found = re.search(r"address (0x[0-9a-f]+)", text)
+            if found:
+                where = [g.describe(int(found.group(1), 16)) for g in buffers.values()]
+                text += "".join(f" ({w})" for w in where if w)
+            raise KernelError(text)
+        for g in buffers.values():
+            g.check()
+
+        out_buf = buffers["input" if inplace else "out"]
+        flat = tensor_of(out_buf, x.dtype)
+        if order is None:
+            out = flat.view(x.shape)
+        else:
+            shape = [x.shape[d] for d in order]
+            inverse = sorted(range(len(order)), key=order.__getitem__)
+            out = flat.view(shape).permute(inverse).contiguous()
+        pair = None
+        if "pair_out" in buffers:
+            raw = buffers["pair_out"].read()
+            pair = (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
+        return Result(out, pair, op.launches, tuple(op.grid), tuple(op.block))
+
+
+def _int64_buffer(name: str, values) -> Guarded:
+    g = Guarded(name, 8 * len(values))
+    g.write(b"".join((v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") for v in values))
+    return g
+
+
+def cooperation(host: HostCuda, kernel: str, blocks: int, threads: int, inp, out) -> None:
+    """Run one of csrc/testing/cooperation.cu's kernels on CPU tensors ``inp`` -> ``out``."""
+    fn = host._lib.fdh_cooperation
+    fn.argtypes = (
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_int,
+    )
+    error = ctypes.create_string_buffer(512)
+    if fn(
+        kernel.encode(),
+        blocks,
+        threads,
+        None if inp is None else inp.data_ptr(),
+        out.data_ptr(),
+        error,
+        len(error),
+    ):
+        raise KernelError(error.value.decode())

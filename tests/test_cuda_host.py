@@ -1,0 +1,233 @@
+"""The CUDA kernels, executed on the CPU through the host model of CUDA (tests/cuda_host.py).
+
+Every kernel variant (dtype x element-wise/broadcast mask x residual x bias x shift) runs
+through the real launcher, masked_op_cuda, under several launch geometries, in guarded buffers,
+and must match the CPU op and tests/reference.py bit for bit; so must the (seed, offset) pair
+the kernel writes. Compiled and host-executed, not run on a GPU: what the model cannot check
+(memory model, occupancy, real launch limits) is for tests/test_cuda.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cuda_host
+import pytest
+import reference as ref
+import torch
+from helpers import assert_bitwise, randn
+
+from fused_dropout import ops
+
+pytestmark = pytest.mark.skipif(
+    cuda_host.unavailable_reason() is not None, reason=str(cuda_host.unavailable_reason())
+)
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SEED_OFFSET = (0xDEADBEEF12345678, 4 * 12345)
+DECOY = (0x1234, 4 * 99)  # the Philox state of a backward call: pair_in must win over it
+MASK64 = (1 << 64) - 1
+
+
+@pytest.fixture(scope="module")
+def host() -> cuda_host.HostCuda:
+    return cuda_host.build()
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One call of a masked op: the op, its operands' shape, dtype and layout, and the pair."""
+
+    op: str  # dropout, dropout_, backward, alpha, alpha_backward, add, bias_add, bias_only
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    p: float = 0.5
+    mask_ndim: int = -1
+    layout: str = "contiguous"  # or channels_last, transposed, misaligned, residual_misaligned
+    seed_offset: tuple[int, int] = SEED_OFFSET
+    captured: int | None = None  # graph-captured Philox state with this intragraph offset
+
+    def __str__(self) -> str:
+        dims = "x".join(map(str, self.shape))
+        dt = str(self.dtype).removeprefix("torch.")
+        extra = f"-captured{self.captured}" if self.captured is not None else ""
+        so = (
+            ""
+            if self.seed_offset == SEED_OFFSET
+            else f"-so{self.seed_offset[0]:x}_{self.seed_offset[1]:x}"
+        )
+        return f"{self.op}-{dt}-{dims}-p{self.p}-k{self.mask_ndim}-{self.layout}{so}{extra}"
+
+
+def _operand(case: Case, seed: int, layout: str | None = None) -> torch.Tensor:
+    layout = layout or case.layout
+    n = int(torch.Size(case.shape).numel())
+    if layout in ("misaligned", "residual_misaligned_r"):  # contiguous, 16-byte misaligned
+        return randn((n + 1,), case.dtype, seed)[1:].view(case.shape)
+    t = randn(case.shape, case.dtype, seed)
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        return randn(case.shape[::-1], case.dtype, seed).transpose(0, -1)
+    return t
+
+
+def run_case(host: cuda_host.HostCuda, case: Case, geometry: cuda_host.Geometry) -> None:
+    """Run ``case`` on the host-executed kernels; compare with the CPU op and the reference."""
+    x = _operand(case, 1)
+    seed, offset = case.seed_offset
+    k, p = case.mask_ndim, case.p
+    what = f"{case} on {geometry.name}"
+    run = dict(geometry=geometry, mask_ndim=k, seed_offset=case.seed_offset)
+    if case.captured is not None:
+        run["captured_intragraph"] = case.captured
+    pair_cpu = None
+    if case.op in ("dropout", "alpha", "dropout_"):
+        alpha = case.op == "alpha"
+        if case.op == "dropout_":
+            want = x.clone()
+            pair_cpu = ops.dropout_(want, p, k, seed_offset=case.seed_offset)
+        else:
+            want, pair_cpu = ops.dropout(x, p, k, True, alpha, seed_offset=case.seed_offset)
+        expected = ref.ref_dropout(x, p, seed, offset, k, alpha=alpha)
+        got = host.masked_op(x, p, alpha=alpha, inplace=case.op == "dropout_", **run)
+    elif case.op in ("backward", "alpha_backward"):
+        alpha = case.op == "alpha_backward"
+        pair = torch.tensor([ref.seed_to_int64(seed), offset], dtype=torch.long)
+        want = ops.dropout_backward(x, pair, p, k, True, alpha)
+        expected = ref.ref_dropout_backward(x, p, seed, offset, k, alpha=alpha)
+        run["seed_offset"] = DECOY
+        got = host.masked_op(x, p, alpha=alpha, backward=True, pair_in=case.seed_offset, **run)
+    else:
+        r_layout = "residual_misaligned_r" if case.layout == "residual_misaligned" else None
+        r = _operand(case, 2, r_layout)
+        b = randn(case.shape[-1:], case.dtype, 3) if case.op != "add" else None
+        if case.op == "bias_only":  # a launcher variant no op reaches: x + b, masked, no residual
+            r = None
+            want = None
+            zero = torch.full(case.shape, -0.0, dtype=case.dtype)  # y + (-0) == y, bit for bit
+            expected = ref.ref_dropout_add(x, zero, b, p, seed, offset, k)
+        else:
+            want, pair_cpu = ops.dropout_add(x, r, b, p, k, seed_offset=case.seed_offset)
+            expected = ref.ref_dropout_add(x, r, b, p, seed, offset, k)
+        got = host.masked_op(x, p, residual=r, bias=b, **run)
+
+    if want is not None:
+        assert_bitwise(got.out, want, f"{what}: host-executed CUDA vs the CPU op")
+    assert_bitwise(got.out, expected, f"{what}: host-executed CUDA vs tests/reference.py")
+    if case.op in ("backward", "alpha_backward"):
+        assert got.pair is None
+    else:
+        assert got.pair == (seed & MASK64, offset), f"{what}: pair written {got.pair}"
+        if pair_cpu is not None:
+            assert tuple(v & MASK64 for v in pair_cpu.tolist()) == got.pair, what
+    if geometry.grid_x:
+        assert got.grid[0] == geometry.grid_x, what
+    assert got.launches == 1, f"{what}: {got.launches} launches"
+
+
+# ---------------------------------------------------------------- the matrix
+
+SIZES = (1, 3, 4, 5, 1023, 4097, (1 << 20) + 3)
+LAYOUTS = ("contiguous", "channels_last", "transposed", "misaligned")
+EXTREME_PAIRS = (
+    (MASK64, 0),  # the largest seed
+    ((1 << 64) - (1 << 32) + 5, (1 << 62)),  # offset 2^62: o = 2^60, the high counter word
+    (1 << 63, (1 << 63) - 4),  # the largest offset
+    (0, (1 << 34) - 4),  # o = 2^32 - 1: the last offset whose high word is 0
+)
+
+
+def _cases() -> list[Case]:
+    cases = []
+    for dt in DTYPES:
+        # tests/test_cuda.py's matrix: sizes, layouts x mask dims, the fused adds, alpha
+        for n in SIZES:
+            for p in (0.1, 0.5, 0.9) if n < (1 << 20) else (0.5,):
+                cases += [Case("dropout", dt, (n,), p), Case("backward", dt, (n,), p)]
+        for layout in LAYOUTS:
+            for k in (-1, 0, 1, 2):
+                cases.append(Case("dropout", dt, (3, 5, 7, 9), 0.4, k, layout))
+        cases.append(Case("bias_only", dt, (4, 77, 96), 0.3))  # (a bias implies a residual
+        for k in (-1, 1):  # in the launcher's broadcast variants)
+            for op in ("add", "bias_add"):
+                cases.append(Case(op, dt, (4, 77, 96), 0.3, k))
+            cases.append(Case("add", dt, (4, 77, 96), 0.3, k, "residual_misaligned"))
+            cases.append(Case("bias_add", dt, (4, 77, 96), 0.3, k, "misaligned"))
+            cases.append(Case("add", dt, (3, 5, 7, 9), 0.3, 2 if k == 1 else k, "channels_last"))
+        for k in (-1, 2):
+            cases += [Case(op, dt, (8, 16, 5, 5), 0.3, k) for op in ("alpha", "alpha_backward")]
+        for layout in ("contiguous", "channels_last", "misaligned"):
+            for k in (-1, 2):
+                cases.append(Case("dropout_", dt, (3, 5, 7, 9), 0.5, k, layout))
+        cases.append(Case("dropout_", dt, (5000,), 0.5))  # many blocks rewrite their own units
+        # p = 0 (nothing drawn) and p = 1 (zeros)
+        for p in (0.0, 1.0):
+            cases += [Case("dropout", dt, (1027,), p), Case("bias_add", dt, (6, 35), p)]
+    # the pair: extreme values, and the graph-captured Philox state
+    for so in EXTREME_PAIRS:
+        for dt in (torch.float32, torch.float16):
+            cases += [Case("dropout", dt, (1031,), 0.5, seed_offset=so)]
+            cases += [Case("backward", dt, (1031,), 0.5, seed_offset=so)]
+            cases += [Case("add", dt, (7, 13), 0.5, 1, seed_offset=so)]
+    for dt in DTYPES:
+        cases += [Case("dropout", dt, (1031,), 0.5, captured=8)]
+        cases += [Case("add", dt, (7, 13), 0.5, 1, captured=0)]
+    # empty tensors still report the pair they were given (issue 8's bug)
+    cases += [Case(op, torch.float32, (0,), 0.5) for op in ("dropout", "add", "backward")]
+    cases += [Case("dropout", torch.float16, (0, 3), 0.5, 1, captured=4)]
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("geometry", cuda_host.GEOMETRIES, ids=lambda g: g.name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernel_matches_cpu_op_and_reference(host, case, geometry):
+    run_case(host, case, geometry)
+
+
+# ---------------------------------------------------------------- the model itself
+
+
+def test_model_runs_cooperating_threads_as_a_gpu_does(host):
+    """Shared memory, __syncthreads, warp shuffles and votes (csrc/testing/cooperation.cu)."""
+    blocks, threads = 3, 256
+    n = blocks * threads
+    data = torch.arange(n, dtype=torch.int32)
+    out = torch.zeros(n, dtype=torch.int32)
+    cuda_host.cooperation(host, "reverse", blocks, threads, data, out)
+    assert torch.equal(out, data.view(blocks, threads).flip(1).reshape(-1))
+
+    values = torch.randint(-1000, 1000, (n,), generator=torch.Generator().manual_seed(0))
+    sums = torch.zeros(blocks, dtype=torch.float32)
+    cuda_host.cooperation(host, "block_sum", blocks, threads, values.float(), sums)
+    assert torch.equal(sums, values.view(blocks, threads).sum(1).float())  # exact: integers
+
+    predicate = (values > 0).int()
+    votes = torch.zeros(n // 32, dtype=torch.int64)  # unsigned 32-bit words, two per element
+    cuda_host.cooperation(host, "ballot", blocks, threads, predicate, votes)
+    want = [sum(int(b) << i for i, b in enumerate(w)) for w in predicate.view(-1, 32).tolist()]
+    got = votes.view(torch.int32).tolist()[: n // 32]
+    assert [g & 0xFFFFFFFF for g in got] == want
+
+
+def test_model_reports_a_barrier_not_every_thread_reaches(host):
+    with pytest.raises(cuda_host.KernelError, match="__syncthreads"):
+        cuda_host.cooperation(host, "divergent_barrier", 1, 64, None, torch.zeros(64).int())
+
+
+def test_model_rejects_launches_beyond_cudas_limits(host):
+    with pytest.raises(cuda_host.KernelError, match="launch failed"):
+        cuda_host.cooperation(
+            host, "reverse", 1, 2048, torch.zeros(2048).int(), torch.zeros(2048).int()
+        )
+
+
+def test_rewrite_of_launches_keeps_the_kernel_expression_and_lines():
+    text = "  k<D, (2 > 1)><<<g,\n b, 0, s>>>(p);\n  ns::other<<<1, 2>>>(a, b);"
+    got = cuda_host.rewrite_launches(text)
+    assert "::cuda_host::launch(k<D, (2 > 1)>, ::cuda_host::LaunchConfig(g,\n b, 0, s))(p)" in got
+    assert "::cuda_host::launch(ns::other, ::cuda_host::LaunchConfig(1, 2))(a, b)" in got
+    assert got.count("\n") == text.count("\n")

@@ -98,10 +98,14 @@ def run(seed: int, steps: int) -> dict[str, dict]:
     models = configurations(seed)
     opts = {n: torch.optim.AdamW(m.parameters(), lr=3e-3, fused=True) for n, m in models.items()}
     out = {n: {"loss": [], "step_s": []} for n in models}
+    # Each configuration draws its masks from its own copy of torch's generator, so its run
+    # does not depend on which other configurations are stepped beside it.
+    rng = {n: torch.get_rng_state() for n in models}
     batches = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(len(x), (BATCH,), generator=batches)
         for name, model in models.items():
+            torch.set_rng_state(rng[name])
             model.train()
             start = time.perf_counter()
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
@@ -110,6 +114,7 @@ def run(seed: int, steps: int) -> dict[str, dict]:
             opts[name].step()
             out[name]["step_s"].append(time.perf_counter() - start)
             out[name]["loss"].append(loss.item())
+            rng[name] = torch.get_rng_state()
     for name, model in models.items():
         out[name]["test accuracy"] = accuracy(model, x_test, y_test)
         # 8 forwards from the same seed, averaged: with skip_dropped the bytes follow the masks.

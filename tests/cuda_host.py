@@ -124,58 +124,73 @@ def _sources() -> list[Path]:
     )
 
 
-def _build_dir(mutations: tuple[Mutation, ...], cxx: str) -> Path:
+def _cache() -> Path:
+    from fused_dropout import _loader
+
+    return _loader.cache_root() / "fused_dropout_cuda_host"
+
+
+def _digest(*parts: str | bytes) -> str:
     h = hashlib.sha256()
-    for p in sorted(CSRC.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(CSRC)).encode() + b"\0" + p.read_bytes())
-    h.update(repr((mutations, CXX_FLAGS, cxx, torch.__version__, str(cuda_include()))).encode())
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache/torch_extensions")
-    return root / "fused_dropout_cuda_host" / h.hexdigest()[:16]
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)  # atomic: a concurrent build of the same file is harmless
 
 
 def build(mutations: tuple[Mutation, ...] = (), jobs: int = 2) -> HostCuda:
-    """Compile (or reuse) the host build of the CUDA sources with ``mutations`` applied."""
+    """Compile (or reuse) the host build of the CUDA sources with ``mutations`` applied.
+
+    Objects are cached by content, so a mutant recompiles only the file it changes.
+    """
+    sources = _sources()
+    unknown = {m.path for m in mutations} - {str(s.relative_to(CSRC)) for s in sources}
+    if unknown:
+        raise ValueError(f"mutations of files that are not built: {sorted(unknown)}")
     cxx = os.environ.get("CXX", "c++")
-    out_dir = _build_dir(mutations, cxx)
-    lib = out_dir / "cuda_host.so"
+    include = [
+        f"-I{CSRC}",
+        f"-I{cuda_include()}",
+        f"-I{Path(torch.__file__).parent / 'include'}",
+        "-include",
+        "testing/cuda_host.h",
+    ]
+    headers = b"".join(
+        str(p).encode() + p.read_bytes()
+        for p in sorted(CSRC.rglob("*.h")) + sorted(CSRC.rglob("*.cuh"))
+    )
+    env = repr((CXX_FLAGS, include, cxx, torch.__version__))
+    root = _cache()
+    (root / "objects").mkdir(parents=True, exist_ok=True)
+
+    def compile_unit(src: Path) -> Path:
+        rel = str(src.relative_to(CSRC))
+        text = src.read_text()
+        for m in mutations:
+            if m.path == rel:
+                text = m.apply(text)
+        text = f'#line 1 "{src}"\n' + rewrite_launches(text)
+        obj = root / "objects" / f"{src.stem}-{_digest(env, headers, rel, text)}.o"
+        if not obj.is_file():
+            unit = obj.with_suffix(f".{os.getpid()}.cpp")
+            unit.write_text(text)
+            tmp = obj.with_suffix(f".{os.getpid()}.o")
+            _run([cxx, *CXX_FLAGS, *include, "-c", str(unit), "-o", str(tmp)])
+            unit.unlink()
+            _publish(tmp, obj)
+        return obj
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        objects = list(pool.map(compile_unit, sources))
+    lib = root / f"cuda_host-{_digest(*map(str, objects))}.so"
     if not lib.is_file():
-        work = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        units = []
-        for src in _sources():
-            rel = str(src.relative_to(CSRC))
-            text = src.read_text()
-            for m in mutations:
-                if m.path == rel:
-                    text = m.apply(text)
-            unit = work / (rel.replace("/", "__") + ".cpp")
-            unit.write_text(f'#line 1 "{src}"\n' + rewrite_launches(text))
-            units.append(unit)
-        unknown = {m.path for m in mutations} - {str(s.relative_to(CSRC)) for s in _sources()}
-        if unknown:
-            raise ValueError(f"mutations of files that are not built: {sorted(unknown)}")
-        include = [
-            f"-I{CSRC}",
-            f"-I{cuda_include()}",
-            f"-I{Path(torch.__file__).parent / 'include'}",
-            "-include",
-            "testing/cuda_host.h",
-        ]
-
-        def compile_unit(unit: Path) -> Path:
-            obj = unit.with_suffix(".o")
-            _run([cxx, *CXX_FLAGS, *include, "-c", str(unit), "-o", str(obj)])
-            return obj
-
-        with ThreadPoolExecutor(max(1, jobs)) as pool:
-            objects = list(pool.map(compile_unit, units))
-        _run([cxx, "-shared", *CXX_FLAGS, *map(str, objects), "-o", str(work / lib.name)])
-        try:
-            work.rename(out_dir)
-        except OSError:  # another process published the same build first
-            shutil.rmtree(work, ignore_errors=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.so")
+        _run([cxx, "-shared", *CXX_FLAGS, *map(str, objects), "-o", str(tmp)])
+        _publish(tmp, lib)
     return HostCuda(lib)
 
 

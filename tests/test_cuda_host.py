@@ -231,3 +231,89 @@ def test_rewrite_of_launches_keeps_the_kernel_expression_and_lines():
     assert "::cuda_host::launch(k<D, (2 > 1)>, ::cuda_host::LaunchConfig(g,\n b, 0, s))(p)" in got
     assert "::cuda_host::launch(ns::other, ::cuda_host::LaunchConfig(1, 2))(a, b)" in got
     assert got.count("\n") == text.count("\n")
+
+
+# ---------------------------------------------------------------- the harness catches bugs
+
+KERNEL = "cuda/dropout.cu"
+# Bugs injected into the kernel source: each must make the matrix above fail. When the kernel
+# is rewritten, a pattern that no longer occurs fails the build loudly: update it here.
+MUTATIONS = (
+    cuda_host.Mutation(
+        "off-by-one tail store",
+        KERNEL,
+        "if (e0 + j < numel) dst[e0 + j] = src.e[j];",
+        "if (e0 + j <= numel) dst[e0 + j] = src.e[j];",
+    ),
+    cuda_host.Mutation(
+        "wrong channel start",
+        KERNEL,
+        "int64_t channel = map.period == 1 ? 0 : e0 % map.period;",
+        "int64_t channel = 0;",
+    ),
+    cuda_host.Mutation(
+        "grid-stride step of blockDim",
+        KERNEL,
+        "const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;",
+        "const int64_t step = blockDim.x;",
+    ),
+    cuda_host.Mutation(
+        "pair written by block 1",
+        KERNEL,
+        "blockIdx.x == 0 && threadIdx.x == 0",
+        "blockIdx.x == 1 && threadIdx.x == 0",
+    ),
+    cuda_host.Mutation(
+        "vector path ignores the residual's alignment",
+        KERNEL,
+        "aligned16(a.input) && aligned16(a.residual) && aligned16(a.out)",
+        "aligned16(a.input) && aligned16(a.out)",
+    ),
+    cuda_host.Mutation(
+        "vector store over the tail",
+        KERNEL,
+        "if (vectorized && e0 + kUnit <= numel) {\n    uint4* p",
+        "if (vectorized) {\n    uint4* p",
+    ),
+    cuda_host.Mutation(
+        "bias column not wrapped",
+        KERNEL,
+        "col = col + 1 == p.bias_len ? 0 : col + 1;",
+        "col = col + 1;",
+    ),
+    cuda_host.Mutation(
+        "pair_in ignored",
+        KERNEL,
+        "if (p.pair_in != nullptr) {",
+        "if (false) {",
+    ),
+)
+# The matrix without its largest tensors: enough to catch every bug above.
+SMALL_CASES = [c for c in CASES if int(torch.Size(c.shape).numel()) < 100_000]
+
+
+@pytest.fixture(scope="module")
+def mutants(host) -> dict[str, cuda_host.HostCuda]:
+    """Every mutant, built at once (two at a time); `host` first, so they share its objects."""
+    with cuda_host.ThreadPoolExecutor(2) as pool:
+        builds = pool.map(lambda m: cuda_host.build((m,), jobs=1), MUTATIONS)
+        return {m.name: b for m, b in zip(MUTATIONS, builds)}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: m.name.replace(" ", "_"))
+def test_injected_bug_is_caught(mutants, mutation):
+    mutant = mutants[mutation.name]
+    for case in SMALL_CASES:
+        for geometry in cuda_host.GEOMETRIES:
+            try:
+                run_case(mutant, case, geometry)
+            except AssertionError as caught:  # includes KernelError and OutOfBounds
+                print(f"{mutation.name}: caught by {case} on {geometry.name}: {caught}")
+                return
+    pytest.fail(f"injected bug {mutation.name!r} passed every case")
+
+
+def test_mutation_whose_pattern_is_gone_fails_loudly():
+    gone = cuda_host.Mutation("gone", KERNEL, "no such kernel text", "")
+    with pytest.raises(ValueError, match="occurs 0 times"):
+        cuda_host.build((gone,))

@@ -42,6 +42,7 @@ CXX_FLAGS = (
 )
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 PAGE = mmap.PAGESIZE
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value
 CANARY = 0xFF  # every float dtype reads 0xFF.. bytes as NaN: a read of it shows in the result
 
 
@@ -214,11 +215,15 @@ class Guarded:
     in ``check()``; a read of the canary shows as NaN in the result.
     """
 
-    def __init__(self, name: str, nbytes: int, misalign: int = 0):
-        self.name, self.nbytes = name, nbytes
+    def __init__(self, name: str, nbytes: int, misalign: int = 0, sparse: bool = False):
+        """``sparse``: reserve no memory and fill nothing (pages stay zero until written), for
+        tensors larger than the machine's memory of which a kernel touches a window."""
+        self.name, self.nbytes, self.sparse = name, nbytes, sparse
         data_pages = (nbytes + misalign + 16 + PAGE - 1) // PAGE
-        self._map = mmap.mmap(-1, (data_pages + 1) * PAGE)
-        self._map.write(bytes([CANARY]) * (data_pages * PAGE))
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_NORESERVE if sparse else 0)
+        self._map = mmap.mmap(-1, (data_pages + 1) * PAGE, flags=flags)
+        if not sparse:
+            self._map.write(bytes([CANARY]) * (data_pages * PAGE))
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         guard = base + data_pages * PAGE
         if _libc.mprotect(guard, PAGE, 0) != 0:
@@ -228,15 +233,18 @@ class Guarded:
         self._start = self.address - base  # offsets inside the accessible pages
         self._accessible = data_pages * PAGE
 
-    def write(self, data: bytes) -> None:
-        assert len(data) == self.nbytes
-        self._map[self._start : self._start + self.nbytes] = data
+    def write(self, data: bytes, at: int = 0) -> None:
+        assert 0 <= at and at + len(data) <= self.nbytes
+        self._map[self._start + at : self._start + at + len(data)] = data
 
-    def read(self) -> bytes:
-        return self._map[self._start : self._start + self.nbytes]
+    def read(self, at: int = 0, size: int | None = None) -> bytes:
+        size = self.nbytes - at if size is None else size
+        return self._map[self._start + at : self._start + at + size]
 
     def check(self) -> None:
         """Raise if a byte outside the data changed (an out-of-bounds write)."""
+        if self.sparse:  # only the guard page behind it
+            return
         for lo, hi in ((0, self._start), (self._start + self.nbytes, self._accessible)):
             region = self._map[lo:hi]
             if region.count(CANARY) != len(region):
@@ -291,6 +299,8 @@ class Geometry:
     name: str
     sm_count: int = 132
     grid_x: int = 0  # > 0: replaces the launcher's grid (valid for grid-stride kernels)
+    first_block: int = 0  # with block_count > 0: run only these blocks (a window of the grid)
+    block_count: int = 0
 
 
 GEOMETRIES = (
@@ -327,6 +337,8 @@ class _HostOp(ctypes.Structure):
         ("pair_out", ctypes.c_void_p),
         ("sm_count", ctypes.c_int),
         ("grid_x", ctypes.c_int),
+        ("first_block", ctypes.c_int64),
+        ("block_count", ctypes.c_int64),
         ("launches", ctypes.c_int),
         ("grid", ctypes.c_uint * 3),
         ("block", ctypes.c_uint * 3),
@@ -443,19 +455,9 @@ class HostCuda:
             buffers["pair_out"] = Guarded("pair_out", 16)
             op.pair_out = buffers["pair_out"].address
         op.sm_count, op.grid_x = geometry.sm_count, geometry.grid_x
+        op.first_block, op.block_count = geometry.first_block, geometry.block_count
 
-        error = ctypes.create_string_buffer(512)
-        failed = self._lib.fdh_masked_op(ctypes.byref(op), error, len(error))
-        if failed:
-            text = error.value.decode()
-            found = re.search(r"address (0x[0-9a-f]+)", text)
-            if found:
-                where = [g.describe(int(found.group(1), 16)) for g in buffers.values()]
-                text += "".join(f" ({w})" for w in where if w)
-            raise KernelError(text)
-        for g in buffers.values():
-            g.check()
-
+        self._call(op, buffers)
         out_buf = buffers["input" if inplace else "out"]
         flat = tensor_of(out_buf, x.dtype)
         if order is None:
@@ -469,6 +471,71 @@ class HostCuda:
             raw = buffers["pair_out"].read()
             pair = (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
         return Result(out, pair, op.launches, tuple(op.grid), tuple(op.block))
+
+    def _call(self, op: _HostOp, buffers: dict[str, Guarded]) -> None:
+        """Run ``op``; raise if the kernel faulted, broke a CUDA rule or wrote out of bounds."""
+        error = ctypes.create_string_buffer(512)
+        if self._lib.fdh_masked_op(ctypes.byref(op), error, len(error)):
+            text = error.value.decode()
+            found = re.search(r"address (0x[0-9a-f]+)", text)
+            if found:
+                where = [g.describe(int(found.group(1), 16)) for g in buffers.values()]
+                text += "".join(f" ({w})" for w in where if w)
+            raise KernelError(text)
+        for g in buffers.values():
+            g.check()
+
+    def elements_per_block(self, dtype: torch.dtype) -> int:
+        """The run of consecutive elements one block covers when each thread does one step of
+        its loop: block 1 of a huge grid is run alone on a small tensor, and what it wrote
+        is read back (the rest of the output keeps its NaN canary)."""
+        x = torch.ones(1 << 16, dtype=dtype)
+        probe = Geometry("probe", grid_x=1 << 20, first_block=1, block_count=1)
+        written = torch.nonzero(~self.masked_op(x, 0.0, geometry=probe).out.isnan())
+        lo, hi = int(written[0]), int(written[-1]) + 1
+        if written.numel() != hi - lo or lo != hi - lo:
+            raise AssertionError(
+                f"block 1 wrote elements {lo}..{hi - 1}, not one run after block 0"
+            )
+        return hi - lo
+
+    def dropout_windows(
+        self,
+        dtype: torch.dtype,
+        numel: int,
+        p: float,
+        seed_offset: tuple[int, int],
+        windows: list[tuple[int, int]],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Dropout of a tensor of ``numel`` elements, far larger than memory: only the blocks
+        that cover each window ``[lo, hi)`` run (on a grid with one step per thread), on
+        memory that is reserved but never touched elsewhere. Returns (input, output) of each
+        window; the input is random there and zero elsewhere."""
+        size = torch.finfo(dtype).bits // 8
+        per_block = self.elements_per_block(dtype)
+        x = Guarded("input", numel * size, sparse=True)
+        out = Guarded("out", numel * size, sparse=True)
+        inputs = []
+        for i, (lo, hi) in enumerate(windows):
+            xw = torch.randn(hi - lo, generator=torch.Generator().manual_seed(i)).to(dtype)
+            x.write(xw.view(torch.uint8).numpy().tobytes(), lo * size)
+            inputs.append(xw)
+        results = []
+        for (lo, hi), xw in zip(windows, inputs):
+            op = _HostOp()
+            op.dtype = DTYPE_CODE[dtype]
+            op.input, op.out, op.numel = x.address, out.address, numel
+            op.run, op.stride, op.period, op.mask_numel = 1, 1, 1, numel
+            op.p, op.scale_by_keep = p, 1
+            op.seed, op.offset = seed_offset
+            op.sm_count = 132
+            op.grid_x = (numel + per_block - 1) // per_block
+            op.first_block = lo // per_block
+            op.block_count = (hi - 1) // per_block - op.first_block + 1
+            self._call(op, {"input": x, "out": out})
+            got = torch.frombuffer(bytearray(out.read(lo * size, (hi - lo) * size)), dtype=dtype)
+            results.append((xw, got))
+        return results
 
 
 def _int64_buffer(name: str, values) -> Guarded:

@@ -28,6 +28,7 @@ __all__ = [
     "MASK32",
     "MASK64",
     "compute_dtype",
+    "keep_at",
     "keep_mask",
     "mask_words",
     "philox4x32_10",
@@ -156,6 +157,21 @@ def keep_mask(seed: int, offset: int, p: float, mask_shape) -> torch.Tensor:
     words = _mask_words_cached(seed_to_uint64(seed), _check_offset(offset), n)
     keep = words < np.uint32(threshold(p))
     return torch.from_numpy(keep.reshape(shape).copy())
+
+
+def keep_at(seed: int, offset: int, p: float, m) -> np.ndarray:
+    """Keep flags of the mask elements at the indices ``m`` (any below 2**64): what
+    ``keep_mask`` gives there, for masks too large to build (counter groups past 2**32)."""
+    m = np.asarray(m, dtype=np.uint64)
+    if float(p) == 0.0:
+        return np.ones(m.shape, dtype=bool)
+    s, o = seed_to_uint64(seed), _check_offset(offset) // 4
+    g = m >> np.uint64(2)
+    words = philox4x32_10(
+        (np.uint64(o & MASK32), np.uint64(o >> 32), g & _LO, g >> _SHIFT), (s & MASK32, s >> 32)
+    )
+    word = np.take_along_axis(words, (m & np.uint64(3)).astype(np.int64)[..., None], -1)[..., 0]
+    return word < np.uint32(threshold(p))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -317,3 +317,30 @@ def test_mutation_whose_pattern_is_gone_fails_loudly():
     gone = cuda_host.Mutation("gone", KERNEL, "no such kernel text", "")
     with pytest.raises(ValueError, match="occurs 0 times"):
         cuda_host.build((gone,))
+
+
+def test_reference_keep_at_is_keep_mask_at_those_indices():
+    """keep_at (below) must follow the contract wherever keep_mask does."""
+    for seed, offset in (SEED_OFFSET, *EXTREME_PAIRS):
+        for p in (0.0, 0.3, 0.9):
+            want = ref.keep_mask(seed, offset, p, 1001).numpy()
+            assert (ref.keep_at(seed, offset, p, range(1001)) == want).all()
+
+
+def test_counter_groups_past_2_32_on_a_tensor_larger_than_memory(host):
+    """fp16 dropout of 2^35 + 4099 elements (64 GiB, never allocated): the windows around
+    elements 2^34 and 2^35 (where a counter group of 4 or 8 elements passes 2^32) and at the
+    end run through the real launcher's kernel and match the reference."""
+    numel = (1 << 35) + 4099
+    windows = [((1 << 34) - 700, (1 << 34) + 700), ((1 << 35) - 700, (1 << 35) + 700)]
+    windows.append((numel - 1500, numel))
+    seed, offset = SEED_OFFSET
+    p = 0.5
+    scale = torch.tensor(1 / (1 - p), dtype=torch.float64).float()
+    for (lo, hi), (x, got) in zip(
+        windows, host.dropout_windows(torch.float16, numel, p, SEED_OFFSET, windows)
+    ):
+        keep = torch.from_numpy(ref.keep_at(seed, offset, p, range(lo, hi)))
+        want = torch.where(keep, (x.float() * scale).half(), torch.zeros((), dtype=x.dtype))
+        assert 0 < int(keep.sum()) < hi - lo
+        assert_bitwise(got, want, f"elements {lo}..{hi - 1} of {numel}")

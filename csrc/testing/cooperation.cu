@@ -65,7 +65,7 @@ extern "C" __attribute__((visibility("default"))) int fdh_cooperation(const char
                                                                       const void* in, void* out,
                                                                       char* error, int size) {
   cuda_host::launch_log() = {};
-  cuda_host::host_config().grid_x = 0;
+  cuda_host::host_config() = {};
   const std::string name = kernel;
   if (name == "reverse") {
     reverse_kernel<<<blocks, threads>>>(static_cast<const int*>(in), static_cast<int*>(out));

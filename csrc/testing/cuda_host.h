@@ -27,6 +27,7 @@
 #include <signal.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -39,6 +40,9 @@ namespace cuda_host {
 struct HostConfig {
   int sm_count = 132;  // cudaDevAttrMultiProcessorCount (132: an H100 SXM)
   int grid_x = 0;      // > 0: every launch runs with this gridDim.x instead of its own
+  // block_count > 0: run only the blocks first_block .. first_block + block_count - 1 (linear
+  // index) of each launch; the others are skipped, as if another GPU ran them.
+  int64_t first_block = 0, block_count = 0;
   int max_threads = 1024;
 };
 
@@ -245,13 +249,14 @@ auto launch(void (*kernel)(Params...), LaunchConfig config) {
     grid_dim = grid;
     block_dim = config.block;
     const int threads = config.block.x * config.block.y * config.block.z;
-    for (unsigned z = 0; z < grid.z; ++z) {
-      for (unsigned y = 0; y < grid.y; ++y) {
-        for (unsigned x = 0; x < grid.x; ++x) {
-          block_idx = {x, y, z};
-          run_block(threads);
-        }
-      }
+    const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+    const HostConfig& host = host_config();
+    const int64_t first = host.block_count > 0 ? std::min(host.first_block, blocks) : 0;
+    const int64_t last = host.block_count > 0 ? std::min(first + host.block_count, blocks) : blocks;
+    for (int64_t i = first; i < last; ++i) {
+      block_idx = {static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
+                   static_cast<unsigned>(i / (int64_t(grid.x) * grid.y))};
+      run_block(threads);
     }
   };
 }

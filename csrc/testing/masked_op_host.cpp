@@ -29,6 +29,7 @@ struct HostOp {
   int64_t* pair_out;
   // Geometry (cuda_host::HostConfig) in; what was launched out.
   int sm_count, grid_x;
+  int64_t first_block, block_count;
   int launches;
   unsigned grid[3], block[3];
 };
@@ -63,6 +64,8 @@ extern "C" __attribute__((visibility("default"))) int fdh_masked_op(HostOp* op, 
 
   cuda_host::host_config().sm_count = op->sm_count;
   cuda_host::host_config().grid_x = op->grid_x;
+  cuda_host::host_config().first_block = op->first_block;
+  cuda_host::host_config().block_count = op->block_count;
   cuda_host::LaunchLog& log = cuda_host::launch_log();
   log = {};
   cudaError_t status = cudaSuccess;

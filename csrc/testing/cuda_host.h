@@ -4,8 +4,9 @@
 // - Every block of a launch runs in turn; its threads run as fibers (ucontext) on one OS thread,
 //   so __syncthreads, __syncwarp and the warp shuffles are barriers between fibers, and a
 //   __shared__ variable (a function-local static) is shared by the threads of the running block.
-// - Geometry knobs (host_config()): the SM count the device reports, and a grid size that
-//   replaces the launcher's own (valid for grid-stride kernels: any grid gives the same result).
+// - Geometry knobs (host_config()): the SM count the device reports, a grid size that replaces
+//   the launcher's own (valid for grid-stride kernels: any grid gives the same result), and a
+//   window of blocks to run alone (for tensors too large to process whole).
 // - A launch checks CUDA's limits on its configuration and leaves the error for
 //   cudaGetLastError(), as a real launch does.
 // - The fp16 conversions are NVIDIA's own host code (cuda_fp16.h), bit-exact with the GPU's;

@@ -249,12 +249,12 @@ class Guarded:
             region = self._map[lo:hi]
             if region.count(CANARY) != len(region):
                 at = next(i for i, b in enumerate(region) if b != CANARY) + lo - self._start
-                where = f"{at} bytes before" if at < 0 else f"{at - self.nbytes} bytes past"
-                raise OutOfBounds(
-                    f"out-of-bounds write to {self.name!r}: {where} its end"
-                    if at >= 0
-                    else f"out-of-bounds write to {self.name!r}: {-at} bytes before its start"
+                where = (
+                    f"{-at} bytes before its start"
+                    if at < 0
+                    else f"{at - self.nbytes} bytes past its end"
                 )
+                raise OutOfBounds(f"out-of-bounds write to {self.name!r}: {where}")
 
     def describe(self, address: int) -> str:
         if self.address - PAGE <= address < self.end + PAGE:
@@ -282,7 +282,7 @@ def tensor_of(g: Guarded, dtype: torch.dtype) -> torch.Tensor:
 
 
 class OutOfBounds(AssertionError):
-    pass
+    """A write outside a guarded buffer's data."""
 
 
 class KernelError(AssertionError):

@@ -10,6 +10,7 @@ the kernel writes. Compiled and host-executed, not run on a GPU: what the model 
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import cuda_host
 import pytest
@@ -59,22 +60,22 @@ class Case:
         return f"{self.op}-{dt}-{dims}-p{self.p}-k{self.mask_ndim}-{self.layout}{so}{extra}"
 
 
-def _operand(case: Case, seed: int, layout: str | None = None) -> torch.Tensor:
-    layout = layout or case.layout
+def _operand(case: Case, seed: int, layout: str) -> torch.Tensor:
+    """Random values of the case's shape in ``layout`` (residual_misaligned: contiguous)."""
     n = int(torch.Size(case.shape).numel())
-    if layout in ("misaligned", "residual_misaligned_r"):  # contiguous, 16-byte misaligned
+    if layout == "misaligned":  # contiguous, not 16-byte aligned: the scalar path
         return randn((n + 1,), case.dtype, seed)[1:].view(case.shape)
-    t = randn(case.shape, case.dtype, seed)
     if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "transposed":
-        return randn(case.shape[::-1], case.dtype, seed).transpose(0, -1)
-    return t
+        return randn(case.shape, case.dtype, seed).contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":  # every stride reversed
+        dims = range(len(case.shape) - 1, -1, -1)
+        return randn(case.shape[::-1], case.dtype, seed).permute(*dims)
+    return randn(case.shape, case.dtype, seed)
 
 
 def run_case(host: cuda_host.HostCuda, case: Case, geometry: cuda_host.Geometry) -> None:
     """Run ``case`` on the host-executed kernels; compare with the CPU op and the reference."""
-    x = _operand(case, 1)
+    x = _operand(case, 1, case.layout)
     seed, offset = case.seed_offset
     k, p = case.mask_ndim, case.p
     what = f"{case} on {geometry.name}"
@@ -99,8 +100,7 @@ def run_case(host: cuda_host.HostCuda, case: Case, geometry: cuda_host.Geometry)
         run["seed_offset"] = DECOY
         got = host.masked_op(x, p, alpha=alpha, backward=True, pair_in=case.seed_offset, **run)
     else:
-        r_layout = "residual_misaligned_r" if case.layout == "residual_misaligned" else None
-        r = _operand(case, 2, r_layout)
+        r = _operand(case, 2, "misaligned" if case.layout == "residual_misaligned" else case.layout)
         b = randn(case.shape[-1:], case.dtype, 3) if case.op != "add" else None
         if case.op == "bias_only":  # a launcher variant no op reaches: x + b, masked, no residual
             r = None
@@ -295,7 +295,7 @@ SMALL_CASES = [c for c in CASES if int(torch.Size(c.shape).numel()) < 100_000]
 @pytest.fixture(scope="module")
 def mutants(host) -> dict[str, cuda_host.HostCuda]:
     """Every mutant, built at once (two at a time); `host` first, so they share its objects."""
-    with cuda_host.ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(2) as pool:
         builds = pool.map(lambda m: cuda_host.build((m,), jobs=1), MUTATIONS)
         return {m.name: b for m, b in zip(MUTATIONS, builds)}
 

@@ -242,7 +242,7 @@ auto launch(void (*kernel)(Params...), LaunchConfig config) {
     ++log.launches;
     log.grid = grid;
     log.block = config.block;
-    // The kernel's parameters, copied once as the driver does (each thread reads the copy).
+    // Each thread calls the kernel with its own copy of the arguments (the same values).
     auto call = [&]() { kernel(args...); };
     Block& b = block();
     b.body = [](void* f) { (*static_cast<decltype(call)*>(f))(); };

@@ -9,13 +9,12 @@ input is NaN or Inf: torch's CPU path multiplies, so NaN * 0 stays NaN there.
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fused_dropout import ops
+from fused_dropout import _impl, ops
 
 __all__ = [
     "alpha_dropout",
@@ -35,35 +34,6 @@ Generator = Optional[torch.Generator]
 SeedOffset = Optional[tuple[int, int]]
 
 
-def _check_p(p: float, what: str = "dropout probability") -> None:
-    if not 0.0 <= p <= 1.0:  # also rejects NaN
-        raise ValueError(f"{what} has to be between 0 and 1, but got {p}")
-
-
-def _masked(
-    input: Tensor,
-    p: float,
-    training: bool,
-    inplace: bool,
-    mask_ndim: int,
-    alpha: bool,
-    generator: Generator,
-    seed_offset: SeedOffset,
-    scale_by_keep: bool = True,
-) -> Tensor:
-    """``input`` masked over its leading ``mask_ndim`` dims (-1: element-wise)."""
-    if not training or p == 0.0 or input.numel() == 0:
-        return input
-    if inplace:
-        ops.dropout_(
-            input, p, mask_ndim, scale_by_keep, alpha, generator=generator, seed_offset=seed_offset
-        )
-        return input
-    return ops.dropout(
-        input, p, mask_ndim, scale_by_keep, alpha, generator=generator, seed_offset=seed_offset
-    )[0]
-
-
 def dropout(
     input: Tensor,
     p: float = 0.5,
@@ -74,8 +44,8 @@ def dropout(
     seed_offset: SeedOffset = None,
 ) -> Tensor:
     """Like ``torch.nn.functional.dropout``."""
-    _check_p(p)
-    return _masked(input, p, training, inplace, -1, False, generator, seed_offset)
+    seed, offset = ops.split_seed_offset(seed_offset)
+    return _impl.dropout(input, p, training, inplace, seed, offset, generator)
 
 
 def alpha_dropout(
@@ -88,45 +58,8 @@ def alpha_dropout(
     seed_offset: SeedOffset = None,
 ) -> Tensor:
     """Like ``torch.nn.functional.alpha_dropout`` (SELU-preserving, element-wise)."""
-    _check_p(p)
-    return _masked(input, p, training, inplace, -1, True, generator, seed_offset)
-
-
-def _feature_masked(
-    input: Tensor,
-    p: float,
-    training: bool,
-    inplace: bool,
-    alpha: bool,
-    generator: Generator,
-    seed_offset: SeedOffset,
-) -> Tensor:
-    """torch's feature dropout: one decision per (sample, channel), dims 0 and 1."""
-    if input.dim() < 2 and training and 0.0 < p < 1.0 and input.numel() > 0:
-        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    # p == 1 zeros everything whatever the rank, as torch does.
-    mask_ndim = 2 if input.dim() >= 2 else -1
-    return _masked(input, p, training, inplace, mask_ndim, alpha, generator, seed_offset)
-
-
-def _unbatched(fn, input: Tensor, batched: bool, inplace: bool) -> Tensor:
-    """Run ``fn`` on ``input`` with a batch dim of 1 added when it has none, as torch does."""
-    if batched:
-        return fn(input)
-    input = input.unsqueeze_(0) if inplace else input.unsqueeze(0)
-    result = fn(input)
-    return result.squeeze_(0) if inplace else result.squeeze(0)
-
-
-def _warn_rank(name: str, rank: int, spatial: int, ranks: str) -> None:
-    warnings.warn(
-        f"{name}: Received a {rank}-D input to {name}, which is deprecated "
-        "and will result in an error in a future release. To retain the behavior "
-        f"and silence this warning, please use dropout instead. Note that {name} "
-        f"exists to provide channel-wise dropout on inputs with {spatial} spatial dimensions, "
-        f"a channel dimension, and an optional batch dimension (i.e. {ranks} inputs).",
-        stacklevel=3,
-    )
+    seed, offset = ops.split_seed_offset(seed_offset)
+    return _impl.alpha_dropout(input, p, training, inplace, seed, offset, generator)
 
 
 def dropout1d(
@@ -139,21 +72,8 @@ def dropout1d(
     seed_offset: SeedOffset = None,
 ) -> Tensor:
     """Like ``torch.nn.functional.dropout1d``: whole channels of (N, C, L) or (C, L)."""
-    _check_p(p)
-    rank = input.dim()
-    if rank not in (2, 3):
-        raise RuntimeError(
-            f"dropout1d: Expected 2D or 3D input, but received a {rank}D input. "
-            "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
-            "spatial dimension, a channel dimension, and an optional batch dimension "
-            "(i.e. 2D or 3D inputs)."
-        )
-    return _unbatched(
-        lambda t: _feature_masked(t, p, training, inplace, False, generator, seed_offset),
-        input,
-        rank == 3,
-        inplace,
-    )
+    seed, offset = ops.split_seed_offset(seed_offset)
+    return _impl.dropout1d(input, p, training, inplace, seed, offset, generator)
 
 
 def dropout2d(
@@ -166,20 +86,8 @@ def dropout2d(
     seed_offset: SeedOffset = None,
 ) -> Tensor:
     """Like ``torch.nn.functional.dropout2d``, including its 3-D input quirk (read as N, C, L)."""
-    _check_p(p)
-    rank = input.dim()
-    if rank not in (3, 4):
-        _warn_rank("dropout2d", rank, 2, "3D or 4D")
-    if rank == 3:
-        warnings.warn(
-            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
-            "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
-            "is the channel dim. This behavior will change in a future release to interpret the "
-            "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
-            "channel-wise dropout behavior, please switch to using dropout1d instead.",
-            stacklevel=2,
-        )
-    return _feature_masked(input, p, training, inplace, False, generator, seed_offset)
+    seed, offset = ops.split_seed_offset(seed_offset)
+    return _impl.dropout2d(input, p, training, inplace, seed, offset, generator)
 
 
 def dropout3d(
@@ -192,16 +100,8 @@ def dropout3d(
     seed_offset: SeedOffset = None,
 ) -> Tensor:
     """Like ``torch.nn.functional.dropout3d``: whole channels of (N, C, D, H, W) or (C, D, H, W)."""
-    _check_p(p)
-    rank = input.dim()
-    if rank not in (4, 5):
-        _warn_rank("dropout3d", rank, 3, "4D or 5D")
-    return _unbatched(
-        lambda t: _feature_masked(t, p, training, inplace, False, generator, seed_offset),
-        input,
-        rank == 5,
-        inplace,
-    )
+    seed, offset = ops.split_seed_offset(seed_offset)
+    return _impl.dropout3d(input, p, training, inplace, seed, offset, generator)
 
 
 def feature_alpha_dropout(
@@ -214,8 +114,8 @@ def feature_alpha_dropout(
     seed_offset: SeedOffset = None,
 ) -> Tensor:
     """Like ``torch.nn.functional.feature_alpha_dropout``: alpha dropout of whole channels."""
-    _check_p(p)
-    return _feature_masked(input, p, training, inplace, True, generator, seed_offset)
+    seed, offset = ops.split_seed_offset(seed_offset)
+    return _impl.feature_alpha_dropout(input, p, training, inplace, seed, offset, generator)
 
 
 def drop_path(
@@ -228,12 +128,8 @@ def drop_path(
     seed_offset: SeedOffset = None,
 ) -> Tensor:
     """Like ``timm.layers.drop_path``: drop whole samples (dim 0), scaling kept ones by 1/keep."""
-    _check_p(drop_prob, "drop probability")
-    if input.dim() == 0:
-        raise RuntimeError("drop_path: expected an input with a batch dimension, got a 0-D tensor")
-    return _masked(
-        input, drop_prob, training, False, 1, False, generator, seed_offset, scale_by_keep
-    )
+    seed, offset = ops.split_seed_offset(seed_offset)
+    return _impl.drop_path(input, drop_prob, training, scale_by_keep, seed, offset, generator)
 
 
 def stochastic_depth(
@@ -246,36 +142,8 @@ def stochastic_depth(
     seed_offset: SeedOffset = None,
 ) -> Tensor:
     """Like ``torchvision.ops.stochastic_depth``: drop rows (``"row"``) or the whole batch."""
-    _check_p(p, "drop probability")
-    if mode not in ["batch", "row"]:
-        raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
-    return _masked(
-        input, p, training, False, 1 if mode == "row" else 0, False, generator, seed_offset
-    )
-
-
-def _masked_add(
-    input: Tensor,
-    residual: Tensor,
-    bias: Tensor | None,
-    p: float,
-    training: bool,
-    mask_ndim: int,
-    scale_by_keep: bool,
-    generator: Generator,
-    seed_offset: SeedOffset,
-) -> Tensor:
-    # Outside training the same kernel runs with p = 0: one pass, nothing drawn.
-    return ops.dropout_add(
-        input,
-        residual,
-        bias,
-        p if training else 0.0,
-        mask_ndim,
-        scale_by_keep,
-        generator=generator,
-        seed_offset=seed_offset,
-    )[0]
+    seed, offset = ops.split_seed_offset(seed_offset)
+    return _impl.stochastic_depth(input, p, mode, training, seed, offset, generator)
 
 
 def drop_path_add(
@@ -289,11 +157,9 @@ def drop_path_add(
     seed_offset: SeedOffset = None,
 ) -> Tensor:
     """``residual + drop_path(branch)`` in one pass (the residual block of ViT/ConvNeXt/Swin)."""
-    _check_p(drop_prob, "drop probability")
-    if branch.dim() == 0:
-        raise RuntimeError("drop_path_add: expected tensors with a batch dimension, got 0-D")
-    return _masked_add(
-        branch, residual, None, drop_prob, training, 1, scale_by_keep, generator, seed_offset
+    seed, offset = ops.split_seed_offset(seed_offset)
+    return _impl.drop_path_add(
+        residual, branch, drop_prob, training, scale_by_keep, seed, offset, generator
     )
 
 
@@ -307,8 +173,8 @@ def dropout_add(
     seed_offset: SeedOffset = None,
 ) -> Tensor:
     """``residual + dropout(input)`` in one pass."""
-    _check_p(p)
-    return _masked_add(input, residual, None, p, training, -1, True, generator, seed_offset)
+    seed, offset = ops.split_seed_offset(seed_offset)
+    return _impl.dropout_add(input, residual, None, p, training, seed, offset, generator)
 
 
 def bias_dropout_add(
@@ -322,5 +188,25 @@ def bias_dropout_add(
     seed_offset: SeedOffset = None,
 ) -> Tensor:
     """``residual + dropout(input + bias)`` in one pass (Megatron's), bias over the last dim."""
-    _check_p(p)
-    return _masked_add(input, residual, bias, p, training, -1, True, generator, seed_offset)
+    seed, offset = ops.split_seed_offset(seed_offset)
+    return _impl.dropout_add(input, residual, bias, p, training, seed, offset, generator)
+
+
+# FX: calls made through this module (``fused_dropout.functional.dropout(x)``) stay one graph
+# node instead of being traced into (their data-dependent checks cannot be traced). Functions
+# taking a callable cannot be graph nodes: they are not listed.
+for _name in (
+    "alpha_dropout",
+    "bias_dropout_add",
+    "drop_path",
+    "drop_path_add",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "dropout_add",
+    "feature_alpha_dropout",
+    "stochastic_depth",
+):
+    torch.fx.wrap(_name)
+del _name

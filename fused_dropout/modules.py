@@ -1,13 +1,19 @@
 """Drop-in modules. Each torch layer is subclassed, so isinstance, repr and state_dict
 are unchanged. DropPath and StochasticDepth copy timm's and torchvision's attributes and
 repr without importing those packages (``convert`` makes the modules it swaps in
-subclasses of theirs too)."""
+subclasses of theirs too).
+
+Every ``forward`` is TorchScript-compatible (it calls ``_impl``, which calls the registered
+ops), and under ``torch.fx`` tracing each module is one ``call_module`` node, as torch's own
+layers are: ``training`` stays a property of the module, not a constant of the graph.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from fused_dropout import functional as F
+from fused_dropout import _impl
 
 __all__ = [
     "AlphaDropout",
@@ -24,49 +30,86 @@ __all__ = [
 ]
 
 
-class Dropout(nn.Dropout):
+class _FXLeaf:
+    """Makes a module one ``call_module`` node when FX traces through it (any tracer)."""
+
+    @torch.jit.unused
+    def _fx_node(self, inputs: list[Tensor]) -> Tensor | None:
+        """The node standing for this call when an input is an FX proxy, else None."""
+        proxy = next((t for t in inputs if isinstance(t, torch.fx.Proxy)), None)
+        if proxy is None:
+            return None
+        tracer = proxy.tracer
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), tuple(inputs), {})
+
+
+class Dropout(_FXLeaf, nn.Dropout):
     """``torch.nn.Dropout`` computed by fused_dropout's kernels."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.dropout(input, self.p, self.training, self.inplace)
+        if not torch.jit.is_scripting():
+            node = self._fx_node([input])
+            if node is not None:
+                return node
+        return _impl.dropout(input, self.p, self.training, self.inplace)
 
 
-class Dropout1d(nn.Dropout1d):
+class Dropout1d(_FXLeaf, nn.Dropout1d):
     """``torch.nn.Dropout1d`` computed by fused_dropout's kernels."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.dropout1d(input, self.p, self.training, self.inplace)
+        if not torch.jit.is_scripting():
+            node = self._fx_node([input])
+            if node is not None:
+                return node
+        return _impl.dropout1d(input, self.p, self.training, self.inplace)
 
 
-class Dropout2d(nn.Dropout2d):
+class Dropout2d(_FXLeaf, nn.Dropout2d):
     """``torch.nn.Dropout2d`` computed by fused_dropout's kernels."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.dropout2d(input, self.p, self.training, self.inplace)
+        if not torch.jit.is_scripting():
+            node = self._fx_node([input])
+            if node is not None:
+                return node
+        return _impl.dropout2d(input, self.p, self.training, self.inplace)
 
 
-class Dropout3d(nn.Dropout3d):
+class Dropout3d(_FXLeaf, nn.Dropout3d):
     """``torch.nn.Dropout3d`` computed by fused_dropout's kernels."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.dropout3d(input, self.p, self.training, self.inplace)
+        if not torch.jit.is_scripting():
+            node = self._fx_node([input])
+            if node is not None:
+                return node
+        return _impl.dropout3d(input, self.p, self.training, self.inplace)
 
 
-class AlphaDropout(nn.AlphaDropout):
+class AlphaDropout(_FXLeaf, nn.AlphaDropout):
     """``torch.nn.AlphaDropout`` computed by fused_dropout's kernels (ignores inplace, as torch)."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.alpha_dropout(input, self.p, self.training)
+        if not torch.jit.is_scripting():
+            node = self._fx_node([input])
+            if node is not None:
+                return node
+        return _impl.alpha_dropout(input, self.p, self.training)
 
 
-class FeatureAlphaDropout(nn.FeatureAlphaDropout):
+class FeatureAlphaDropout(_FXLeaf, nn.FeatureAlphaDropout):
     """``torch.nn.FeatureAlphaDropout`` computed by fused_dropout's kernels."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.feature_alpha_dropout(input, self.p, self.training)
+        if not torch.jit.is_scripting():
+            node = self._fx_node([input])
+            if node is not None:
+                return node
+        return _impl.feature_alpha_dropout(input, self.p, self.training)
 
 
-class DropPath(nn.Module):
+class DropPath(_FXLeaf, nn.Module):
     """timm's ``DropPath``: drops whole samples, scaling the kept ones by ``1/keep``."""
 
     def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
@@ -75,7 +118,11 @@ class DropPath(nn.Module):
         self.scale_by_keep = scale_by_keep
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
+        if not torch.jit.is_scripting():
+            node = self._fx_node([x])
+            if node is not None:
+                return node
+        return _impl.drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
 
     def extra_repr(self) -> str:
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
@@ -85,10 +132,16 @@ class DropPathAdd(DropPath):
     """``residual + drop_path(branch)`` in one pass: ``DropPathAdd(p)(residual, branch)``."""
 
     def forward(self, residual: Tensor, branch: Tensor) -> Tensor:  # type: ignore[override]
-        return F.drop_path_add(residual, branch, self.drop_prob, self.training, self.scale_by_keep)
+        if not torch.jit.is_scripting():
+            node = self._fx_node([residual, branch])
+            if node is not None:
+                return node
+        return _impl.drop_path_add(
+            residual, branch, self.drop_prob, self.training, self.scale_by_keep
+        )
 
 
-class StochasticDepth(nn.Module):
+class StochasticDepth(_FXLeaf, nn.Module):
     """torchvision's ``StochasticDepth`` (modes ``"row"`` and ``"batch"``)."""
 
     def __init__(self, p: float, mode: str) -> None:
@@ -97,22 +150,30 @@ class StochasticDepth(nn.Module):
         self.mode = mode
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.stochastic_depth(input, self.p, self.mode, self.training)
+        if not torch.jit.is_scripting():
+            node = self._fx_node([input])
+            if node is not None:
+                return node
+        return _impl.stochastic_depth(input, self.p, self.mode, self.training)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(p={self.p}, mode={self.mode})"
 
 
-class DropoutAdd(nn.Module):
+class DropoutAdd(_FXLeaf, nn.Module):
     """``residual + dropout(input)`` in one pass: ``DropoutAdd(p)(input, residual)``."""
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        F._check_p(p)
+        _impl.check_p(p)
         self.p = p
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
-        return F.dropout_add(input, residual, self.p, self.training)
+        if not torch.jit.is_scripting():
+            node = self._fx_node([input, residual])
+            if node is not None:
+                return node
+        return _impl.dropout_add(input, residual, None, self.p, self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -122,4 +183,8 @@ class BiasDropoutAdd(DropoutAdd):
     """``residual + dropout(input + bias)`` in one pass: ``BiasDropoutAdd(p)(x, b, r)``."""
 
     def forward(self, input: Tensor, bias: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
-        return F.bias_dropout_add(input, bias, residual, self.p, self.training)
+        if not torch.jit.is_scripting():
+            node = self._fx_node([input, bias, residual])
+            if node is not None:
+                return node
+        return _impl.dropout_add(input, residual, bias, self.p, self.training)

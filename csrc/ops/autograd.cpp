@@ -38,13 +38,15 @@ void save_mask_params(AutogradContext* ctx, const Tensor& pair, double p, int64_
 // dropout_backward of `grad` with the saved pair and parameters.
 Tensor regenerate(AutogradContext* ctx, const Tensor& grad) {
   if (!grad.defined()) return grad;
+  // Unpacked before the guard below: unpacking may rerun forward code (non-reentrant
+  // activation checkpointing recomputes there), which must record its autograd graph.
+  const Tensor pair = ctx->get_saved_variables()[0];
   // Without create_graph there is no graph to record: skip the autograd kernel.
   std::optional<at::AutoDispatchBelowADInplaceOrView> no_graph;
   if (!at::GradMode::is_enabled()) no_graph.emplace();
-  return call_dropout_backward(grad, ctx->get_saved_variables()[0], ctx->saved_data["p"].toDouble(),
-                               ctx->saved_data["mask_ndim"].toInt(),
-                               ctx->saved_data["scale_by_keep"].toBool(),
-                               ctx->saved_data["alpha"].toBool());
+  return call_dropout_backward(
+      grad, pair, ctx->saved_data["p"].toDouble(), ctx->saved_data["mask_ndim"].toInt(),
+      ctx->saved_data["scale_by_keep"].toBool(), ctx->saved_data["alpha"].toBool());
 }
 
 struct DropoutFunction : torch::autograd::Function<DropoutFunction> {

@@ -8,8 +8,9 @@ from fused_dropout import _loader
 
 _loader.load()
 
-from fused_dropout import functional, ops  # noqa: E402  (needs the loaded ops)
+from fused_dropout import functional, functional_mode, ops  # noqa: E402  (needs the loaded ops)
 from fused_dropout.convert import convert  # noqa: E402
+from fused_dropout.functional_mode import mode  # noqa: E402
 from fused_dropout.modules import (  # noqa: E402
     AlphaDropout,
     BiasDropoutAdd,
@@ -39,5 +40,7 @@ __all__ = [
     "StochasticDepth",
     "convert",
     "functional",
+    "functional_mode",
+    "mode",
     "ops",
 ]

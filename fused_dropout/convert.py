@@ -86,7 +86,7 @@ def _describe(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def convert(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
+def convert(model: nn.Module, functional: bool = False) -> tuple[nn.Module, dict[str, int]]:
     """Replace, in place, every dropout-family layer of ``model`` by fused_dropout's module.
 
     Replaced are the modules whose type is *exactly* one of ``torch.nn.Dropout``,
@@ -108,6 +108,11 @@ def convert(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
         model: the model to convert. Changed in place. If ``model`` itself is a layer to
             replace, it cannot be replaced in place and the new module is returned instead,
             so always use the returned model. TorchScript modules raise ``TypeError``.
+        functional: also run torch's functional dropout calls made inside the model's
+            forward (``F.dropout`` in attention code, ...) with our kernels:
+            ``fused_dropout.mode()`` is entered whenever the model or one of its submodules is
+            called (see ``fused_dropout.functional_mode``); undo it with
+            ``fused_dropout.functional_mode.detach(model)``.
 
     Returns:
         ``(model, counts)``. ``counts`` maps the name of each kind of layer replaced to the
@@ -120,10 +125,11 @@ def convert(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
         call returns no replacement counts.
 
     Note:
-        Only modules can be swapped. Dropout called functionally inside a ``forward``
-        (``torch.nn.functional.dropout``, ``F.dropout2d``, timm's ``drop_path`` function,
-        the attention dropout inside ``F.scaled_dot_product_attention``, ...) is part of
-        that code and stays as it is; call ``fused_dropout.functional`` there instead.
+        Without ``functional=True`` only modules are swapped: dropout called functionally
+        inside a ``forward`` (``torch.nn.functional.dropout``, ``F.dropout2d``, ...) stays
+        torch's. With it, torch's dropout functions are routed too; timm's ``drop_path``
+        *function* (torch ops, not a dropout call) and the attention dropout inside
+        ``F.scaled_dot_product_attention`` (inside torch's kernel) still stay as they are.
 
     Example::
 
@@ -201,4 +207,8 @@ def convert(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
             UserWarning,
             stacklevel=2,
         )
+    if functional:
+        from fused_dropout import functional_mode
+
+        functional_mode.attach(model)
     return model, counts

@@ -40,7 +40,13 @@ class _FXLeaf:
         if proxy is None:
             return None
         tracer = proxy.tracer
-        return tracer.create_proxy("call_module", tracer.path_of_module(self), tuple(inputs), {})
+        path = tracer.path_of_module(self)
+        if not path:
+            raise NotImplementedError(
+                f"torch.fx: {type(self).__name__} is a leaf of the models holding it and cannot "
+                "be traced as the root itself; trace a model holding it (nn.Sequential(layer))"
+            )
+        return tracer.create_proxy("call_module", path, tuple(inputs), {})
 
 
 class Dropout(_FXLeaf, nn.Dropout):

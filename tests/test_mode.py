@@ -437,3 +437,47 @@ def test_huggingface_bert_eager_attention(attached):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_checkpointed_plain_function_with_context_fn():
+    """A checkpointed *function* (not a module) recomputes under the mode via ``context_fn``."""
+    lin = nn.Linear(5, 5)
+
+    def fn(x):
+        return F.dropout(lin(x), 0.3)
+
+    grads = []
+    for use_checkpoint in (False, True):
+        x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(8)
+        with fused_dropout.mode():
+            if use_checkpoint:
+                y = checkpoint(
+                    fn,
+                    x,
+                    use_reentrant=False,
+                    context_fn=lambda: (fused_dropout.mode(), fused_dropout.mode()),
+                )
+            else:
+                y = fn(x)
+        y.sum().backward()
+        grads.append((y, x.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_huggingface_bert_gradient_checkpointing(attached):
+    model = _tiny_bert()
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 1])
+    plain, _ = _functional(copy.deepcopy(model), attached)
+    ckpt, _ = _functional(copy.deepcopy(model), attached)
+    ckpt.gradient_checkpointing_enable()
+    grads = []
+    for m in (plain, ckpt):
+        m.train()
+        torch.manual_seed(3)
+        m(input_ids=ids, labels=labels).loss.backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from fused_dropout import _impl, _loader
 
-__all__ = ["FusedDropoutMode", "attach", "detach", "is_attached", "mode"]
+__all__ = ["FusedDropoutMode", "active", "attach", "detach", "is_attached", "mode"]
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PASS = object()  # a route's answer for "not ours: let torch run it"
@@ -93,14 +93,16 @@ Impl = Callable[[Tensor, float, bool, bool], Tensor]
 _ROUTES: dict[Any, Callable[[tuple, dict], Any]] = {}
 
 
-def _add_functional(func: Any, impl: Impl, training_default: bool, ranks: tuple[int, ...]) -> None:
+def _add_functional(
+    func: Any, impl: Impl, training_default: bool, takes_rank: Callable[[int], bool]
+) -> None:
     defaults = {"p": 0.5, "training": training_default, "inplace": False}
 
     def route(args: tuple, kwargs: dict) -> Any:
         a = _bind(_F_NAMES, defaults, args, kwargs)
         if a is None or not _ours(a["input"]) or not _draws(a["p"], a["training"], a["inplace"]):
             return _PASS
-        if ranks and a["input"].dim() not in ranks:
+        if not takes_rank(a["input"].dim()):
             return _PASS
         return impl(a["input"], float(a["p"]), True, a["inplace"])
 
@@ -127,14 +129,14 @@ def _feature_dropout(input: Tensor, p: float, training: bool, inplace: bool) -> 
     return _impl.feature_masked(input, p, training, inplace, False)
 
 
+# The ranks routed are those torch takes without a warning or an error.
 _F = torch.nn.functional
-_add_functional(_F.dropout, _impl.dropout, True, ())
-_add_functional(_F.alpha_dropout, _impl.alpha_dropout, False, ())
-_add_functional(_F.feature_alpha_dropout, _impl.feature_alpha_dropout, False, (2, 3, 4, 5, 6))
-# The ranks torch takes without a warning or an error.
-_add_functional(_F.dropout1d, _impl.dropout1d, True, (2, 3))
-_add_functional(_F.dropout2d, _impl.dropout2d, True, (4,))
-_add_functional(_F.dropout3d, _impl.dropout3d, True, (4, 5))
+_add_functional(_F.dropout, _impl.dropout, True, lambda rank: True)
+_add_functional(_F.alpha_dropout, _impl.alpha_dropout, False, lambda rank: True)
+_add_functional(_F.feature_alpha_dropout, _impl.feature_alpha_dropout, False, lambda r: r >= 2)
+_add_functional(_F.dropout1d, _impl.dropout1d, True, lambda rank: rank in (2, 3))
+_add_functional(_F.dropout2d, _impl.dropout2d, True, lambda rank: rank == 4)
+_add_functional(_F.dropout3d, _impl.dropout3d, True, lambda rank: rank in (4, 5))
 for _name, _fn, _min_rank in (
     ("dropout", _impl.dropout, 0),
     ("feature_dropout", _feature_dropout, 2),

@@ -54,3 +54,10 @@ def run_steps(model, x, gy, seed, steps=2):
         }
         outs.append((y.detach(), xx.grad, grads))
     return outs
+
+
+def random64_draw(gen: torch.Generator | None) -> int:
+    """One random64() draw of a CPU generator, as int64 (the contract's CPU seed)."""
+    t = torch.empty((), dtype=torch.int64)
+    t.random_(-(2**63), None, generator=gen)  # full 64-bit range == random64()
+    return int(t)

@@ -135,7 +135,8 @@ struct DropoutAddFunction : torch::autograd::Function<DropoutAddFunction> {
     Tensor grad_input = regenerate(ctx, grad);
     Tensor grad_bias;
     if (ctx->saved_data["has_bias"].toBool() && grad_input.defined()) {
-      grad_bias = grad_input.reshape({-1, grad_input.size(-1)}).sum(0);
+      // Over every dim but the last; flatten, not reshape({-1, n}), which fails for n == 0.
+      grad_bias = grad_input.dim() == 1 ? grad_input.clone() : grad_input.flatten(0, -2).sum(0);
     }
     // The residual's gradient is the incoming gradient itself: no copy.
     return {grad_input, grad,     grad_bias, Tensor(), Tensor(),

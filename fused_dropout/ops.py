@@ -6,6 +6,8 @@ device; backward regenerates the mask from that pair alone.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,12 @@ def split_seed_offset(seed_offset: tuple[int, int] | None) -> tuple[int | None, 
     """Validate ``seed_offset=(seed, offset)`` and return it as the ops' signed int64 pair."""
     if seed_offset is None:
         return None, None
-    seed, offset = (int(v) for v in seed_offset)
+    try:
+        seed, offset = (operator.index(v) for v in seed_offset)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"seed_offset must be a pair of integers (seed, offset), got {seed_offset!r}"
+        ) from None
     if not 0 <= seed < _UINT64:
         raise ValueError(f"seed_offset: seed must be in [0, 2**64), got {seed}")
     if offset < 0 or offset % 4 != 0 or offset >= _UINT64 // 2:
@@ -96,32 +103,86 @@ def _fake_pair(t: Tensor) -> Tensor:
     return t.new_empty((2,), dtype=torch.int64)
 
 
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_like_kernel(input, p, mask_ndim, seed, offset, op):
+    """csrc/ops/checks.cpp's check_op, so that fake and meta tensors fail as real ones do:
+    same exception types, same messages."""
+    where = f"fused_dropout.{op}"
+    torch._check_value(
+        0.0 <= p <= 1.0, lambda: f"dropout probability has to be between 0 and 1, but got {p}"
+    )
+    expected = "expected a floating-point tensor (float32, float64, float16 or bfloat16)"
+    torch._check_not_implemented(
+        not input.dtype.is_complex, lambda: f"{where}: {expected}, but got {input.dtype}"
+    )
+    torch._check(input.dtype in _FLOATS, lambda: f"{where}: {expected}, but got {input.dtype}")
+    torch._check_value(
+        (seed is None) == (offset is None),
+        lambda: f"{where}: seed and offset must be given together",
+    )
+    torch._check_value(
+        offset is None or (offset >= 0 and offset % 4 == 0),
+        lambda: f"{where}: offset must be a non-negative multiple of 4, got {offset}",
+    )
+    torch._check(
+        -1 <= mask_ndim <= input.dim(),
+        lambda: (
+            f"{where}: mask_ndim must be -1 (element-wise) or in [0, {input.dim()}], "
+            f"got {mask_ndim}"
+        ),
+    )
+
+
 @torch.library.register_fake("fused_dropout::dropout")
 def _dropout_fake(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator):
+    _check_like_kernel(input, p, mask_ndim, seed, offset, "dropout")
     return torch.empty_like(input), _fake_pair(input)
 
 
 @torch.library.register_fake("fused_dropout::dropout_")
 def _dropout_inplace_fake(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator):
+    _check_like_kernel(input, p, mask_ndim, seed, offset, "dropout_")
     return _fake_pair(input)
 
 
 @torch.library.register_fake("fused_dropout::dropout_backward")
 def _dropout_backward_fake(grad, seed_offset, p, mask_ndim, scale_by_keep, alpha):
+    _check_like_kernel(grad, p, mask_ndim, None, None, "dropout_backward")
     return torch.empty_like(grad)
 
 
 @torch.library.register_fake("fused_dropout::dropout_add")
 def _dropout_add_fake(input, residual, bias, p, mask_ndim, scale_by_keep, seed, offset, generator):
-    # The kernel's checks, so that fake and meta tensors fail the same way.
-    torch._check(residual.shape == input.shape, lambda: "residual must have input's shape")
-    torch._check(residual.dtype == input.dtype, lambda: "residual must have input's dtype")
-    torch._check(residual.device == input.device, lambda: "residual must be on input's device")
+    _check_like_kernel(input, p, mask_ndim, seed, offset, "dropout_add")
+    where = "fused_dropout.dropout_add"
+
+    def same_device_and_dtype(name, t):
+        torch._check(
+            t.device == input.device,
+            lambda: f"{where}: {name} is on {t.device} but input is on {input.device}",
+        )
+        torch._check_type(
+            t.dtype == input.dtype,
+            lambda: f"{where}: {name} has dtype {t.dtype} but input has dtype {input.dtype}",
+        )
+
+    same_device_and_dtype("residual", residual)
+    torch._check(
+        residual.shape == input.shape,
+        lambda: (
+            f"{where}: residual has shape {list(residual.shape)} but input has shape "
+            f"{list(input.shape)}"
+        ),
+    )
     if bias is not None:
         torch._check(
             bias.dim() == 1 and input.dim() >= 1 and bias.shape[0] == input.shape[-1],
-            lambda: "bias must be 1-D with input.size(-1) elements",
+            lambda: (
+                f"{where}: bias must be 1-D with input.size(-1) elements, got shape "
+                f"{list(bias.shape)}"
+            ),
         )
-        torch._check(bias.dtype == input.dtype, lambda: "bias must have input's dtype")
-        torch._check(bias.device == input.device, lambda: "bias must be on input's device")
+        same_device_and_dtype("bias", bias)
     return torch.empty_like(input), _fake_pair(input)

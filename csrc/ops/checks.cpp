@@ -1,5 +1,11 @@
 #include "ops/checks.h"
 
+#include <ATen/MemoryOverlap.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 namespace fused_dropout {
 namespace {
 
@@ -44,7 +50,42 @@ void check_rng(const RngSource& rng, const at::Tensor& input, const char* op) {
   }
 }
 
+// Whether two elements of `t` share an address. at::has_internal_overlap answers only the
+// easy cases (a stride of 0); this also finds overlapping windows (as_strided), exactly.
+bool has_internal_overlap(const at::Tensor& t) {
+  const at::MemOverlap easy = at::has_internal_overlap(t);
+  if (easy != at::MemOverlap::TooHard) return easy == at::MemOverlap::Yes;
+  if (t.numel() <= 1 || t.is_non_overlapping_and_dense()) return false;
+  // Dims by increasing stride: no overlap if each stride passes the extent of the smaller ones.
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = 0;
+  bool separated = true;
+  for (const auto& [stride, size] : dims) {
+    separated = separated && stride > extent;
+    extent += (size - 1) * stride;
+  }
+  if (separated) return false;
+  // A rare interleaved layout: compare the offsets of all elements.
+  at::Tensor offsets = at::zeros({}, at::kLong);
+  for (const auto& [stride, size] : dims) {
+    offsets = offsets.unsqueeze(-1) + at::arange(size, at::kLong) * stride;
+  }
+  const at::Tensor sorted = std::get<0>(offsets.flatten().sort());
+  return sorted.slice(0, 1).eq(sorted.slice(0, 0, -1)).any().item<bool>();
+}
+
 }  // namespace
+
+void check_inplace(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(!has_internal_overlap(input), "fused_dropout.", op,
+              ": more than one element of the written-to tensor (input) refers to a single "
+              "memory location (an expanded or overlapping view). Please clone() the tensor "
+              "before performing the operation, or use inplace=False.");
+}
 
 DType kernel_dtype(const at::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
@@ -57,6 +98,11 @@ DType kernel_dtype(const at::Tensor& t, const char* op) {
     case at::kBFloat16:
       return DType::kBFloat16;
     default:
+      // torch's F.dropout raises NotImplementedError for complex, RuntimeError for the rest.
+      TORCH_CHECK_NOT_IMPLEMENTED(!at::isComplexType(t.scalar_type()), "fused_dropout.", op,
+                                  ": expected a floating-point tensor (float32, float64, float16 "
+                                  "or bfloat16), but got ",
+                                  t.scalar_type());
       TORCH_CHECK(false, "fused_dropout.", op,
                   ": expected a floating-point tensor (float32, float64, float16 or "
                   "bfloat16), but got ",

@@ -17,6 +17,9 @@ void check_same(const at::Tensor& input, const at::Tensor& other, const char* na
 // A bias of dropout_add: 1-D over the input's last dim, same device and dtype.
 void check_bias(const at::Tensor& input, const at::Tensor& bias, const char* op);
 
+// An in-place input must not have two elements at one address (torch's message, and more cases).
+void check_inplace(const at::Tensor& input, const char* op);
+
 // p, dtype, device, the RNG source and mask_ndim; returns the mask's number of leading dims.
 int64_t check_op(const at::Tensor& input, double p, int64_t mask_ndim, const RngSource& rng,
                  const char* op);

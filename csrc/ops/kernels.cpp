@@ -1,6 +1,5 @@
 #include "ops/kernels.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include "ops/checks.h"
@@ -28,7 +27,7 @@ Tensor dropout_inplace_kernel(Tensor& input, double p, int64_t mask_ndim, bool s
                               optional<at::Generator> generator) {
   const RngSource rng{seed, offset, generator};
   const int64_t k = check_op(input, p, mask_ndim, rng, "dropout_");
-  at::assert_no_internal_overlap(input);
+  check_inplace(input, "dropout_");
   return run_masked(input, std::nullopt, std::nullopt, input, k,
                     make_affine(p, scale_by_keep, alpha, /*backward=*/false), rng);
 }
@@ -65,6 +64,44 @@ TORCH_LIBRARY_IMPL(fused_dropout, CPU, m) {
   m.impl("dropout_backward", dropout_backward_kernel);
   m.impl("dropout_add", dropout_add_kernel);
 }
+
+namespace {
+
+// Sparse and quantized tensors dispatch here instead of to torch's generic "could not run
+// with arguments from the 'SparseCPU' backend"; the error names the argument and the fix.
+void not_dense(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const auto& args = schema.arguments();
+  const size_t first = stack->size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = (*stack)[first + i];
+    if (!v.isTensor()) continue;
+    const Tensor& t = v.toTensor();
+    if (t.layout() == at::kStrided && !t.is_quantized()) continue;
+    const std::string& name = args[i].name();
+    TORCH_CHECK_NOT_IMPLEMENTED(false, schema.name(), ": ", name, " is a ",
+                                t.is_quantized() ? std::string("quantized") : c10::str(t.layout()),
+                                " tensor, but only dense (strided) tensors are supported; pass ",
+                                name, t.is_quantized() ? ".dequantize()" : ".to_dense()");
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(false, schema.name(), ": only dense (strided) tensors are supported");
+}
+
+}  // namespace
+
+#define FUSED_DROPOUT_NOT_DENSE(key)                                                    \
+  TORCH_LIBRARY_IMPL(fused_dropout, key, m) {                                           \
+    for (const char* op : {"dropout", "dropout_", "dropout_backward", "dropout_add"}) { \
+      m.impl(op, torch::CppFunction::makeFromBoxedFunction<&not_dense>());              \
+    }                                                                                   \
+  }
+FUSED_DROPOUT_NOT_DENSE(SparseCPU)
+FUSED_DROPOUT_NOT_DENSE(SparseCUDA)
+FUSED_DROPOUT_NOT_DENSE(SparseCsrCPU)
+FUSED_DROPOUT_NOT_DENSE(SparseCsrCUDA)
+FUSED_DROPOUT_NOT_DENSE(QuantizedCPU)
+FUSED_DROPOUT_NOT_DENSE(QuantizedCUDA)
+#undef FUSED_DROPOUT_NOT_DENSE
 
 // Registered with or without CUDA kernels, so a CPU-only build gives a clear error.
 TORCH_LIBRARY_IMPL(fused_dropout, CUDA, m) {

@@ -41,7 +41,10 @@ Environment variables:
 
 A build that is killed leaves nothing that blocks the next one: the lock is an ``flock`` (the
 kernel drops it with the process), each build attempt has its own directory, and the finished
-build is published by an atomic rename.
+build is published by an atomic rename. A cached library that is truncated or empty (checked
+against its ELF headers before dlopen, which could crash on it) or fails to load is rebuilt; a
+build whose sources changed while it compiled is discarded, never cached under the old key; a
+read-only cache works when it holds the build, else the error names TORCH_EXTENSIONS_DIR.
 """
 
 from __future__ import annotations
@@ -343,34 +346,76 @@ def cache_key(cfg: BuildConfig) -> str:
 # Loading
 # ---------------------------------------------------------------------------------------------
 def _load_jit(source_dir: Path, verbose: bool) -> _Loaded:
-    import torch
-
     cfg = build_config(source_dir)
     if cfg.with_cuda and cfg.cuda_home and not os.environ.get("CUDA_HOME"):
         os.environ["CUDA_HOME"] = cfg.cuda_home
         if "torch.utils.cpp_extension" in sys.modules:
             sys.modules["torch.utils.cpp_extension"].CUDA_HOME = cfg.cuda_home
-    key_dir = cache_root() / "fused_dropout" / cache_key(cfg)
+    key = cache_key(cfg)
+    key_dir = cache_root() / "fused_dropout" / key
     so = key_dir / "build" / f"{EXT_NAME}.so"
-    if so.is_file():  # the fast path: no lock, no compiler, no output
-        torch.ops.load_library(str(so))
+    if _load_cached(so):  # the fast path: no lock, no compiler, no output
         return _Loaded(str(so), cfg.with_cuda)
     try:
         key_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise BuildError(
-            f"fused_dropout: cannot create the build cache {key_dir} ({e}). Fix: set "
-            "TORCH_EXTENSIONS_DIR to a writable directory."
-        ) from None
+        raise _unwritable(key_dir, e) from None
     with _flock(key_dir / "build.lock", key_dir):
-        if so.is_file():  # another process built it while we waited
-            torch.ops.load_library(str(so))
-        else:
-            _build(cfg, key_dir, so, verbose)
+        if not _load_cached(so):  # else another process built it while we waited
+            _build(cfg, key_dir, so, verbose, key)
     return _Loaded(str(so), cfg.with_cuda)
 
 
-def _build(cfg: BuildConfig, key_dir: Path, so: Path, verbose: bool) -> None:
+def _load_cached(so: Path) -> bool:
+    """Load a cached library; False (after saying why) when there is none or it is damaged,
+    so that the caller rebuilds it."""
+    import torch
+
+    if not so.is_file():
+        return False
+    problem = _elf_problem(so)
+    if problem is None:
+        try:
+            torch.ops.load_library(str(so))
+            return True
+        except OSError as e:
+            problem = str(e)
+    _say(f"the cached {so} is damaged ({problem}); rebuilding it")
+    return False
+
+
+def _elf_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole 64-bit ELF file (a truncated or empty copy), or None.
+
+    dlopen maps a truncated library and can crash (SIGBUS) on the missing pages instead of
+    failing, so its size is checked against its own headers first."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF":
+                return f"not an ELF file, {size} bytes"
+            if head[4] != 2:  # ELFCLASS32: not checked further
+                return None
+            end = "<" if head[5] == 1 else ">"
+            phoff, shoff = struct.unpack_from(end + "QQ", head, 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "HHHH", head, 0x36)
+            if shoff + shentsize * shnum > size or phoff + phentsize * phnum > size:
+                return f"truncated to {size} bytes"
+            f.seek(phoff)
+            for _ in range(phnum):
+                ph = f.read(phentsize)
+                p_offset, _, _, p_filesz = struct.unpack_from(end + "QQQQ", ph, 8)
+                if p_offset + p_filesz > size:
+                    return f"truncated to {size} bytes"
+    except (OSError, struct.error) as e:
+        return str(e)
+    return None
+
+
+def _build(cfg: BuildConfig, key_dir: Path, so: Path, verbose: bool, key: str) -> None:
     """Compile into a fresh attempt directory, then publish it by renaming it to build/."""
     _check_toolchain(cfg)
     sources = source_files(cfg.source_dir, cfg.with_cuda)
@@ -380,7 +425,10 @@ def _build(cfg: BuildConfig, key_dir: Path, so: Path, verbose: bool) -> None:
     for stale in key_dir.glob("build-*"):
         shutil.rmtree(stale, ignore_errors=True)
     attempt = key_dir / f"build-{os.getpid()}-{time.monotonic_ns()}"
-    attempt.mkdir()
+    try:
+        attempt.mkdir()
+    except OSError as e:
+        raise _unwritable(key_dir, e) from None
     # torch < 2.9 guards its build dir with a lock file that outlives a killed build
     # (FileBaton); ours is new and we hold the flock, so such a file can only be stale.
     with contextlib.suppress(FileNotFoundError):
@@ -437,6 +485,13 @@ def _build(cfg: BuildConfig, key_dir: Path, so: Path, verbose: bool) -> None:
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch
 
+    if cache_key(cfg) != key:  # what was compiled is not what the key says: never cache it
+        shutil.rmtree(attempt, ignore_errors=True)
+        raise BuildError(
+            f"fused_dropout: the sources in {cfg.source_dir} changed while they were being "
+            "compiled, so this build was discarded. Fix: import again (in a new process) once "
+            "the sources stay unchanged."
+        )
     # Publish. torch names the library <name>_v<N>.so if this process built another source
     # tree before; the published name is fixed.
     built_path = Path(built) if isinstance(built, str) else attempt / f"{EXT_NAME}.so"
@@ -557,6 +612,14 @@ def _check_sources(cfg: BuildConfig, sources: list[Path]) -> None:
         seen[obj] = s
 
 
+def _unwritable(where: Path, e: OSError) -> BuildError:
+    return BuildError(
+        f"fused_dropout: cannot write to the build cache {where} ({e}), and the extension must "
+        "be built there. Fix: make it writable, or set TORCH_EXTENSIONS_DIR to a writable "
+        "directory."
+    )
+
+
 def _cuda_home_problem() -> str:
     env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if env:
@@ -594,7 +657,10 @@ def _flock(path: Path, where: Path):
     """An exclusive advisory lock that dies with its holder (never deleted: deleting races)."""
     import fcntl
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # O_CLOEXEC: ninja does not inherit it
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # O_CLOEXEC: ninja does not inherit it
+    except OSError as e:
+        raise _unwritable(where, e) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

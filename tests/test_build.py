@@ -384,7 +384,7 @@ def test_concurrent_first_imports_all_succeed(tmp_path):
         subprocess.Popen(
             driver_cmd(src), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        for _ in range(3)
+        for _ in range(4)
     ]
     results = []
     for p in procs:
@@ -395,6 +395,159 @@ def test_concurrent_first_imports_all_succeed(tmp_path):
     assert all(d["twice"] == [2.0, 2.0] for d, _ in results)
     stderrs = "".join(err for _, err in results)
     assert len(BUILT_RE.findall(stderrs)) == 1, stderrs  # built once, the others waited
+
+
+# ---------------------------------------------------------------------------------------------
+# A damaged cache: each case rebuilds correctly or stops with an error that names the fix
+# ---------------------------------------------------------------------------------------------
+DAMAGED_RE = re.compile(
+    r"^fused_dropout: the cached \S+ is damaged \((?P<why>.*)\); rebuilding it$", re.MULTILINE
+)
+
+
+def warm_copy(cpu_build, tmp_path):
+    """A private copy of the warm throwaway cache: (src, cache, env, key_dir)."""
+    src, cache, _, data, _ = cpu_build
+    mine = tmp_path / "cache"
+    shutil.copytree(cache, mine)
+    key_dir = mine / Path(data["path"]).relative_to(cache).parents[1]
+    return src, mine, child_env(mine), key_dir
+
+
+def test_elf_check_finds_truncated_and_empty_libraries(cpu_build, tmp_path):
+    so = Path(cpu_build[3]["path"])
+    assert L._elf_problem(so) is None
+    bad = tmp_path / "bad.so"
+    for size in (so.stat().st_size - 1, so.stat().st_size // 2, 100, 0):
+        bad.write_bytes(so.read_bytes()[:size])
+        assert L._elf_problem(bad) is not None, size
+    bad.write_bytes(b"not a library" * 100)
+    assert "not an ELF file" in L._elf_problem(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "zero_bytes"])
+def test_damaged_cached_library_is_rebuilt(cpu_build, tmp_path, damage):
+    src, cache, env, key_dir = warm_copy(cpu_build, tmp_path)
+    so = key_dir / "build" / "fused_dropout_C.so"
+    size = so.stat().st_size
+    with open(so, "r+b") as f:
+        f.truncate(size // 2 if damage == "truncated" else 0)
+    data, stderr = run_driver(src, env)
+    assert DAMAGED_RE.search(stderr) and BUILT_RE.search(stderr), stderr
+    assert data["path"] == str(so) and data["twice"] == [2.0, 2.0]
+    assert L._elf_problem(so) is None
+    data, stderr = run_driver(src, env)
+    assert stderr == "" and data["twice"] == [2.0, 2.0]
+
+
+@pytest.mark.slow
+def test_leftover_partial_build_dirs_are_replaced(cpu_build, tmp_path):
+    src, cache, env, key_dir = warm_copy(cpu_build, tmp_path)
+    (key_dir / "build" / "fused_dropout_C.so").unlink()  # a build/ without its library
+    (key_dir / "build" / "junk.o").write_bytes(b"half")
+    leftover = key_dir / "build-12345-678"  # an attempt of a killed build
+    (leftover / "sub").mkdir(parents=True)
+    (leftover / "sub" / "x.o").write_bytes(b"half")
+    data, stderr = run_driver(src, env)
+    assert BUILT_RE.search(stderr), stderr
+    assert data["twice"] == [2.0, 2.0]
+    assert not leftover.exists() and not (key_dir / "build" / "junk.o").exists()
+    assert sorted(p.name for p in key_dir.iterdir()) == ["build", "build.lock"]
+
+
+@pytest.mark.slow
+def test_source_change_under_a_warm_cache_rebuilds_and_never_loads_stale_code(cpu_build, tmp_path):
+    src0, cache, env, key_dir = warm_copy(cpu_build, tmp_path)
+    src = tmp_path / "src"
+    shutil.copytree(src0, src)
+    (src / "common.h").write_text(COMMON_H.replace("2", "3"))  # a header only
+    data, stderr = run_driver(src, env)
+    assert BUILT_RE.search(stderr), stderr
+    assert data["twice"] == [3.0, 3.0] and not data["path"].startswith(str(key_dir))
+    (src / "common.h").write_text(COMMON_H)  # back: the old build is still the right one
+    data, stderr = run_driver(src, env)
+    assert stderr == "" and data["twice"] == [2.0, 2.0] and data["path"].startswith(str(key_dir))
+
+
+# Runs DRIVER with every write under the cache failing, as on a read-only file system (the
+# tests run as root, for whom chmod does not make a directory read-only).
+READ_ONLY_DRIVER = r"""
+import errno, os, sys
+cache = os.environ["TORCH_EXTENSIONS_DIR"]
+real_open, real_mkdir = os.open, os.mkdir
+def guarded(path):
+    if os.path.abspath(os.fsdecode(path)).startswith(cache):
+        raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+def ro_open(path, flags, *args, **kwargs):
+    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
+        guarded(path)
+    return real_open(path, flags, *args, **kwargs)
+def ro_mkdir(path, *args, **kwargs):
+    guarded(path)
+    return real_mkdir(path, *args, **kwargs)
+os.open, os.mkdir = ro_open, ro_mkdir
+sys.argv = ["driver", *sys.argv[1:]]
+exec(compile(DRIVER, "driver", "exec"))
+"""
+
+
+def run_read_only(src, env):
+    code = f"DRIVER = {DRIVER!r}\n{READ_ONLY_DRIVER}"
+    cmd = [sys.executable, "-c", code, str(LOADER_PATH), str(src)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_read_only_warm_cache_loads(cpu_build, tmp_path):
+    src, cache, env, key_dir = warm_copy(cpu_build, tmp_path)
+    r = run_read_only(src, env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout)["twice"] == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("state", ["cold", "damaged"])
+def test_read_only_cache_that_needs_a_build_names_the_fix(cpu_build, tmp_path, state):
+    src, cache, env, key_dir = warm_copy(cpu_build, tmp_path)
+    if state == "cold":
+        shutil.rmtree(cache / "fused_dropout")
+    else:
+        (key_dir / "build" / "fused_dropout_C.so").write_bytes(b"")
+    r = run_read_only(src, env)
+    assert r.returncode != 0
+    assert "BuildError: fused_dropout: cannot write to the build cache" in r.stderr, r.stderr
+    assert "Fix: make it writable, or set TORCH_EXTENSIONS_DIR" in r.stderr
+
+
+@pytest.mark.slow
+def test_sources_edited_during_the_build_are_never_cached(tmp_path):
+    src, cache = write_sources(tmp_path / "src"), tmp_path / "cache"
+    env = child_env(cache)
+    # The compiler finishes, then a source changes before the build is published.
+    edited = COMMON_H.replace("2", "5")
+    edit = (
+        "import fdl_driver as L, pathlib\n"
+        "real = L._import_cpp_extension\n"
+        "class Editing:\n"
+        "    def __init__(self, m): self.m = m\n"
+        "    def __getattr__(self, n): return getattr(self.m, n)\n"
+        "    def load(self, **kw):\n"
+        "        out = self.m.load(**kw)\n"
+        f"        pathlib.Path({str(src / 'common.h')!r}).write_text({edited!r})\n"
+        "        return out\n"
+        "L._import_cpp_extension = lambda verbose: Editing(real(verbose))\n"
+    )
+    code = DRIVER.replace("t0 = time.perf_counter()", edit + "t0 = time.perf_counter()")
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(LOADER_PATH), str(src)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode != 0 and "changed while they were being compiled" in r.stderr, r.stderr
+    assert not list(cache.glob("fused_dropout/*/build")), "a build of unknown sources was cached"
+    data, stderr = run_driver(src, env)  # the edited sources, built and cached normally
+    assert BUILT_RE.search(stderr) and data["twice"] == [5.0, 5.0]
 
 
 @pytest.mark.slow

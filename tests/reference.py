@@ -34,6 +34,7 @@ __all__ = [
     "philox4x32_10",
     "ref_dropout",
     "ref_dropout_add",
+    "ref_dropout_at",
     "ref_dropout_backward",
     "seed_to_int64",
     "seed_to_uint64",
@@ -172,6 +173,22 @@ def keep_at(seed: int, offset: int, p: float, m) -> np.ndarray:
     )
     word = np.take_along_axis(words, (m & np.uint64(3)).astype(np.int64)[..., None], -1)[..., 0]
     return word < np.uint32(threshold(p))
+
+
+def ref_dropout_at(
+    values: torch.Tensor, mask_index, p: float, seed: int, offset: int, scale_by_keep: bool = True
+) -> torch.Tensor:
+    """The reference dropout output of elements with input ``values`` whose mask elements are
+    ``mask_index`` (the same arithmetic as :func:`ref_dropout`, at a few positions only)."""
+    p = float(p)
+    if p == 0.0:
+        return values.clone()
+    if p == 1.0:
+        return torch.zeros_like(values)
+    cdt = compute_dtype(values.dtype)
+    keep = torch.from_numpy(keep_at(seed, offset, p, mask_index))
+    kept = values.to(cdt) * _scale(p, scale_by_keep, cdt)
+    return torch.where(keep, kept, torch.zeros((), dtype=cdt)).to(values.dtype)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -267,7 +267,9 @@ class Guarded:
 
 def guarded_tensor(name: str, t: torch.Tensor) -> Guarded:
     """A guarded copy of ``t``'s elements (row-major), at ``t``'s own alignment mod 16."""
-    flat = t.detach().cpu().contiguous().view(-1)
+    # clone, not contiguous(): an empty tensor counts as contiguous with any strides, and
+    # a byte view needs a unit stride (found by the property tests)
+    flat = t.detach().cpu().clone(memory_format=torch.contiguous_format).view(-1)
     g = Guarded(name, flat.numel() * flat.element_size(), t.data_ptr() % 16)
     g.write(flat.view(torch.uint8).numpy().tobytes())
     return g

@@ -80,7 +80,7 @@ inline MaskedAffine make_affine(double p, bool scale_by_keep, bool alpha, bool b
     const double A = kAlphaDropoutAlpha;
     const double factor = 1.0 / std::sqrt((A * A * p + 1.0) * keep);
     a.scale = factor;
-    if (!backward) {
+    if (!backward && p > 0.0) {  // at p == 0 a shift of +0 would turn -0 into +0: identity
       a.has_shift = true;
       a.shift = A * factor * p;
       a.drop = A * factor * (p - 1.0);

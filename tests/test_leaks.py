@@ -67,7 +67,7 @@ def _graph_cases():
     return {
         "dropout": lambda h: FD.dropout(h, 0.5),
         "dropout_inplace": lambda h: FD.dropout(h * 1.0, 0.5, inplace=True),
-        "dropout2d": lambda h: FD.dropout2d(h.unsqueeze(0), 0.5),
+        "dropout2d": lambda h: FD.dropout2d(h[None, None], 0.5),
         "alpha_dropout": lambda h: FD.alpha_dropout(h, 0.5, True),
         "drop_path": lambda h: FD.drop_path(h, 0.5, True),
         "dropout_add": lambda h: FD.dropout_add(h, r, 0.5),

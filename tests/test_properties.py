@@ -554,9 +554,12 @@ def run_property(name: str, examples: int, profile: str, check) -> None:
     )
     @given(st.data())
     def prop(data):
+        calls.append(1)
         check(data)
 
+    calls: list[int] = []
     prop()
+    assert len(calls) >= examples, f"{name}: only {len(calls)} of {examples} examples ran"
 
 
 @pytest.mark.parametrize("name", list(ALL))

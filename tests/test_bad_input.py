@@ -176,7 +176,10 @@ def test_integer_bool_complex_inputs(dtype):
         FD.dropout(t, 0.5)
     if dtype.is_complex:  # torch's F.dropout raises NotImplementedError for complex
         assert info.type is NotImplementedError
-    for call in (lambda: FD.dropout(t, 0.5, inplace=True), lambda: FD.dropout2d(t[None], 0.5)):
+    for call in (
+        lambda: FD.dropout(t, 0.5, inplace=True),
+        lambda: FD.dropout2d(t[None, None], 0.5),
+    ):
         with pytest.raises(RuntimeError, match="floating-point"):
             call()
     assert torch.equal(t, torch.ones(4, 5, dtype=dtype))

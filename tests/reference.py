@@ -5,12 +5,15 @@ plan alone; it shares no code with the extension. Everything here is plain numpy
 (Philox, the mask) and plain PyTorch elementwise ops on CPU (the arithmetic), so
 it is slow but obviously correct.
 
-Contract summary (DESIGN.md s.2):
-  * word for mask element ``i`` = word ``i % 4`` of
-    ``philox4x32_10(key=(seed_lo, seed_hi), ctr=(o_lo, o_hi, k_lo, k_hi))``
-    with ``o = offset // 4`` and ``k = i // 4``;
-  * keep element ``i`` iff ``word < threshold``,
-    ``threshold = min(floor((1 - p) * 2**32), 2**32 - 1)``; ``p == 0`` keeps all;
+Contract summary (DESIGN.md s.2, version 2):
+  * the 16-bit number of mask element ``m``: ``u(m)`` = half ``m % 2`` (0 = low 16
+    bits) of word ``(m // 2) % 4`` of
+    ``philox4x32_10(key=(seed_lo, seed_hi), ctr=(o_lo, o_hi, g_lo, g_hi))``
+    with ``o = offset // 4`` and ``g = m // 8`` (one call per 8 elements);
+  * ``T = min(floor((1 - p) * 2**32), 2**32 - 1)``, ``Th = T >> 16``, ``Tl = T & 0xFFFF``;
+    keep ``m`` iff ``u(m) < Th``, or ``u(m) == Th`` and ``v(m) < Tl``, where ``v(m)`` is
+    taken like ``u(m)`` from the counter ``(o_lo, o_hi | 0x80000000, g_lo, g_hi)``;
+    ``p == 0`` keeps all; so P(keep) = T / 2**32 exactly;
   * kept: ``x * scale`` with ``scale = 1 / (1 - p)`` rounded to the compute type
     (fp32 for fp16/bf16/fp32, fp64 for fp64); dropped: exactly ``+0`` (select).
 """
@@ -30,7 +33,7 @@ __all__ = [
     "compute_dtype",
     "keep_at",
     "keep_mask",
-    "mask_words",
+    "mask_numbers",
     "philox4x32_10",
     "ref_dropout",
     "ref_dropout_add",
@@ -107,26 +110,25 @@ def _check_offset(offset: int) -> int:
     return offset
 
 
-def mask_words(seed: int, offset: int, n: int) -> np.ndarray:
-    """The uint32 decision words of mask elements ``0..n-1`` (shape ``(n,)``)."""
-    return _mask_words_cached(seed_to_uint64(seed), _check_offset(offset), int(n)).copy()
+def mask_numbers(seed: int, offset: int, n: int, tie: bool = False) -> np.ndarray:
+    """The uint16 numbers ``u(0..n-1)`` (``tie=True``: ``v(0..n-1)``) of the contract."""
+    return _numbers_cached(seed_to_uint64(seed), _check_offset(offset), int(n), bool(tie)).copy()
 
 
 @functools.lru_cache(maxsize=4)
-def _mask_words_cached(s: int, offset: int, n: int) -> np.ndarray:
+def _numbers_cached(s: int, offset: int, n: int, tie: bool) -> np.ndarray:
     # small cache: a test computes the same mask for forward and backward
     o = offset // 4
     if n <= 0:
-        return np.zeros((0,), dtype=np.uint32)
-    nctr = (n + 3) // 4
-    k = np.arange(nctr, dtype=np.uint64)
-    ctr = (
-        np.uint64(o & MASK32),
-        np.uint64(o >> 32),
-        k & _LO,
-        k >> _SHIFT,
-    )
-    out = philox4x32_10(ctr, (s & MASK32, s >> 32)).reshape(-1)[:n]
+        return np.zeros((0,), dtype=np.uint16)
+    ngroups = (n + 7) // 8
+    g = np.arange(ngroups, dtype=np.uint64)
+    o_hi = (o >> 32) | (0x80000000 if tie else 0)
+    ctr = (np.uint64(o & MASK32), np.uint64(o_hi), g & _LO, g >> _SHIFT)
+    words = philox4x32_10(ctr, (s & MASK32, s >> 32))  # (ngroups, 4) uint32
+    # element 8g + 2w + h is half h of word w: low half first
+    halves = np.stack([words & 0xFFFF, words >> 16], axis=-1).astype(np.uint16)
+    out = halves.reshape(-1)[:n]
     out.setflags(write=False)
     return out
 
@@ -155,8 +157,7 @@ def keep_mask(seed: int, offset: int, p: float, mask_shape) -> torch.Tensor:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if p == 0.0:
         return torch.ones(shape, dtype=torch.bool)
-    words = _mask_words_cached(seed_to_uint64(seed), _check_offset(offset), n)
-    keep = words < np.uint32(threshold(p))
+    keep = _keep_flat(seed_to_uint64(seed), _check_offset(offset), n, threshold(p))
     return torch.from_numpy(keep.reshape(shape).copy())
 
 
@@ -167,12 +168,31 @@ def keep_at(seed: int, offset: int, p: float, m) -> np.ndarray:
     if float(p) == 0.0:
         return np.ones(m.shape, dtype=bool)
     s, o = seed_to_uint64(seed), _check_offset(offset) // 4
-    g = m >> np.uint64(2)
-    words = philox4x32_10(
-        (np.uint64(o & MASK32), np.uint64(o >> 32), g & _LO, g >> _SHIFT), (s & MASK32, s >> 32)
-    )
-    word = np.take_along_axis(words, (m & np.uint64(3)).astype(np.int64)[..., None], -1)[..., 0]
-    return word < np.uint32(threshold(p))
+    g = m >> np.uint64(3)
+    word = ((m >> np.uint64(1)) & np.uint64(3)).astype(np.int64)[..., None]
+    shift = (m & np.uint64(1)) * np.uint64(16)
+
+    def number(o_hi: int) -> np.ndarray:
+        words = philox4x32_10(
+            (np.uint64(o & MASK32), np.uint64(o_hi), g & _LO, g >> _SHIFT), (s & MASK32, s >> 32)
+        ).astype(np.uint64)
+        return (np.take_along_axis(words, word, -1)[..., 0] >> shift) & np.uint64(0xFFFF)
+
+    t = threshold(p)
+    u = number(o >> 32)
+    v = number((o >> 32) | 0x80000000)
+    return (u < t >> 16) | ((u == t >> 16) & (v < (t & 0xFFFF)))
+
+
+def _keep_flat(s: int, offset: int, n: int, t: int) -> np.ndarray:
+    th, tl = t >> 16, t & 0xFFFF
+    u = _numbers_cached(s, offset, n, False).astype(np.int64)
+    keep = u < th
+    tied = np.flatnonzero(u == th)
+    if tied.size:  # the tie draw, only where needed
+        v = _numbers_cached(s, offset, n, True).astype(np.int64)
+        keep[tied] = v[tied] < tl
+    return keep
 
 
 def ref_dropout_at(

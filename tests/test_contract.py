@@ -1,7 +1,8 @@
 """Tests of the reference implementation of the RNG/numerics contract (DESIGN.md s.2-3).
 
-These run without the extension: they pin down tests/reference.py, which the
-extension's test suite then uses as its oracle.
+Most run without the extension: they pin down tests/reference.py, which the
+extension's test suite then uses as its oracle. The last section checks the
+extension's own paths on forced ties and on keep rates at extreme p.
 """
 
 from __future__ import annotations
@@ -56,67 +57,100 @@ def test_philox_vectorised_matches_scalar_calls():
         np.testing.assert_array_equal(batch[j], ref.philox4x32_10(ctrs[j], key))
 
 
-def _scalar_word(seed: int, offset: int, i: int) -> int:
-    """Word of mask element i computed straight from the contract's formula."""
+def _scalar_number(seed: int, offset: int, m: int, tie: bool = False) -> int:
+    """u(m) (tie: v(m)) computed straight from the contract's formula, one call."""
     s = seed & ref.MASK64
     o = offset // 4
-    k = i // 4
-    ctr = (o & ref.MASK32, o >> 32, k & ref.MASK32, k >> 32)
+    g = m // 8
+    ctr = (o & ref.MASK32, (o >> 32) | (0x80000000 if tie else 0), g & ref.MASK32, g >> 32)
     out = ref.philox4x32_10(np.array(ctr, dtype=np.uint64), (s & ref.MASK32, s >> 32))
-    return int(out[i % 4])
+    word = int(out[(m // 2) % 4])
+    return (word >> 16) if m % 2 else (word & 0xFFFF)
 
 
 @pytest.mark.parametrize(
     "seed, offset",
     [(0, 0), (1, 4), (2**63 + 12345, 2**34 + 8), (2**64 - 1, 4 * (2**32 + 5))],
 )
-def test_mask_words_counter_layout(seed, offset):
+@pytest.mark.parametrize("tie", [False, True])
+def test_mask_numbers_counter_layout(seed, offset, tie):
     n = 41
-    words = ref.mask_words(seed, offset, n)
-    assert words.shape == (n,) and words.dtype == np.uint32
-    for i in range(n):
-        assert int(words[i]) == _scalar_word(seed, offset, i), i
+    u = ref.mask_numbers(seed, offset, n, tie=tie)
+    assert u.shape == (n,) and u.dtype == np.uint16
+    for m in range(n):
+        assert int(u[m]) == _scalar_number(seed, offset, m, tie), m
 
 
-def test_mask_words_element_zero_to_three_is_one_philox_call():
-    # seed 0, offset 0, k = 0: counter (0,0,0,0), key (0,0) -> the first known answer
-    words = ref.mask_words(0, 0, 4)
-    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+# Known answers of contract version 2, from an independent implementation (issue 9).
+U_SEED0 = "e8d5 6627 c58d e169 ac4c bc57 dbd8 9b00 15e1 8445 6eaa f08d c053 0f19 75f0 83f8"
+V_SEED0 = "0ccf a2b2 8772 5140 f7ef 94fc 835a b688"
+U_SEED_0123 = "7a1b 3b16 feca a487 7efa 32b2 c85f 0bee"
 
 
-def test_mask_words_prefix_property():
-    long = ref.mask_words(7, 12, 1001)
-    for n in (0, 1, 3, 4, 5, 999):
-        np.testing.assert_array_equal(ref.mask_words(7, 12, n), long[:n])
+def _hex(words: str) -> list[int]:
+    return [int(w, 16) for w in words.split()]
 
 
-def test_mask_words_counters_k_and_k_plus_1_differ():
-    w = ref.mask_words(123, 0, 4 * 4096).reshape(-1, 4)
-    # consecutive counters give different 4-word blocks (and, overwhelmingly, all
-    # four words differ)
-    assert np.all(np.any(w[1:] != w[:-1], axis=1))
-    assert np.mean(np.all(w[1:] != w[:-1], axis=1)) > 0.999
+def test_known_answers_u_and_v():
+    assert [int(u) for u in ref.mask_numbers(0, 0, 16)] == _hex(U_SEED0)
+    assert [int(v) for v in ref.mask_numbers(0, 0, 8, tie=True)] == _hex(V_SEED0)
+    assert [int(u) for u in ref.mask_numbers(0x0123456789ABCDEF, 4000, 8)] == _hex(U_SEED_0123)
+
+
+KEEP_ANSWERS = [  # (p, T, keep(0..n-1)) at seed 0, offset 0
+    (0.5, 0x80000000, "0 1 0 0 0 0 0 0 1 0 1 0 0 1 1 0"),
+    # element 3 ties (u = e169 = Th); v = 5140 < Tl = 8000: kept
+    (0.11948394775390625, 0xE1698000, "0 1 1 1 1 1 1 1"),
+    # element 3 ties; v = 5140 >= Tl = 4000: dropped
+    (0.11948776245117188, 0xE1694000, "0 1 1 0 1 1 1 1"),
+]
+
+
+@pytest.mark.parametrize("p, t, keep", KEEP_ANSWERS, ids=["p0.5", "tie-kept", "tie-dropped"])
+def test_known_answers_keep(p, t, keep):
+    assert ref.threshold(p) == t
+    expected = [bool(int(k)) for k in keep.split()]
+    assert ref.keep_mask(0, 0, p, (len(expected),)).tolist() == expected
+
+
+def test_one_philox_call_decides_eight_elements():
+    # seed 0, offset 0, g = 0: counter (0,0,0,0), key (0,0) -> the first known answer
+    words = [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    halves = [h for w in words for h in (w & 0xFFFF, w >> 16)]
+    assert [int(u) for u in ref.mask_numbers(0, 0, 8)] == halves
+
+
+def test_mask_numbers_prefix_property():
+    long = ref.mask_numbers(7, 12, 1001)
+    for n in (0, 1, 7, 8, 9, 999):
+        np.testing.assert_array_equal(ref.mask_numbers(7, 12, n), long[:n])
+
+
+def test_mask_numbers_groups_g_and_g_plus_1_differ():
+    u = ref.mask_numbers(123, 0, 8 * 4096).reshape(-1, 8)
+    assert np.all(np.any(u[1:] != u[:-1], axis=1))
 
 
 def test_offset_seed_and_seed_high_word_all_matter():
-    base = ref.mask_words(5, 0, 4096)
+    base = ref.mask_numbers(5, 0, 8192)
     variants = {
-        "offset+4": ref.mask_words(5, 4, 4096),
-        "seed+1": ref.mask_words(6, 0, 4096),
-        "seed high word": ref.mask_words(5 + 2**32, 0, 4096),
-        "offset high word": ref.mask_words(5, 4 * 2**32, 4096),
+        "offset+4": ref.mask_numbers(5, 4, 8192),
+        "seed+1": ref.mask_numbers(6, 0, 8192),
+        "seed high word": ref.mask_numbers(5 + 2**32, 0, 8192),
+        "offset high word": ref.mask_numbers(5, 4 * 2**32, 8192),
+        "tie stream": ref.mask_numbers(5, 0, 8192, tie=True),
     }
-    for name, w in variants.items():
-        # independent streams: about 1 in 2**32 words coincide
-        assert np.mean(w == base) < 0.01, name
+    for name, u in variants.items():
+        # independent streams: about 1 in 2**16 numbers coincide
+        assert np.mean(u == base) < 0.01, name
 
 
 def test_offset_plus_4_is_not_a_shifted_stream():
-    # offset moves the counter's first half, k its second half: the stream at
+    # offset moves the counter's first half, g its second half: the stream at
     # offset 4 must not be the stream at offset 0 shifted by one counter.
-    a = ref.mask_words(9, 0, 4 * 1024)
-    b = ref.mask_words(9, 4, 4 * 1024)
-    assert not np.array_equal(a[4:], b[:-4])
+    a = ref.mask_numbers(9, 0, 8 * 1024)
+    b = ref.mask_numbers(9, 4, 8 * 1024)
+    assert not np.array_equal(a[8:], b[:-8])
 
 
 def test_seed_int64_spelling():
@@ -124,23 +158,24 @@ def test_seed_int64_spelling():
     assert ref.seed_to_int64(2**64 - 1) == -1
     assert ref.seed_to_int64(2**63) == -(2**63)
     assert ref.seed_to_int64(2**63 - 1) == 2**63 - 1
-    np.testing.assert_array_equal(ref.mask_words(-1, 0, 64), ref.mask_words(2**64 - 1, 0, 64))
-    np.testing.assert_array_equal(ref.mask_words(-(2**63), 8, 64), ref.mask_words(2**63, 8, 64))
+    np.testing.assert_array_equal(ref.mask_numbers(-1, 0, 64), ref.mask_numbers(2**64 - 1, 0, 64))
+    np.testing.assert_array_equal(ref.mask_numbers(-(2**63), 8, 64), ref.mask_numbers(2**63, 8, 64))
 
 
 @pytest.mark.parametrize("offset", [-4, 1, 2, 3, 6])
 def test_bad_offset_rejected(offset):
     with pytest.raises(ValueError):
-        ref.mask_words(0, offset, 4)
+        ref.mask_numbers(0, offset, 4)
 
 
-def test_words_look_uniform():
-    w = ref.mask_words(2024, 40, 1 << 18).astype(np.float64) / 2.0**32
-    assert stats.kstest(w, "uniform").pvalue > 1e-4
-    # every one of the 4 word lanes separately
-    lanes = w.reshape(-1, 4)
-    for j in range(4):
-        assert stats.kstest(lanes[:, j], "uniform").pvalue > 1e-4, j
+def test_numbers_look_uniform():
+    u = ref.mask_numbers(2024, 40, 1 << 18).astype(np.float64)
+    # a chi-square over all 2**16 values, and each of the 8 positions of a group separately
+    counts = np.bincount(u.astype(np.int64), minlength=1 << 16)
+    assert stats.chisquare(counts).pvalue > 1e-4
+    per_position = u.reshape(-1, 8) / 2.0**16
+    for j in range(8):
+        assert stats.kstest(per_position[:, j], "uniform").pvalue > 1e-4, j
 
 
 # ------------------------------------------------------------------- thresholds
@@ -181,19 +216,46 @@ def test_keep_mask_p0_keeps_all_p1_keeps_none():
     assert ref.keep_mask(1, 0, 0.0, (0,)).shape == (0,)
 
 
-def test_keep_mask_is_words_below_threshold():
+def test_keep_mask_is_the_two_draw_rule():
     seed, offset, p = 77, 16, 0.37
     m = ref.keep_mask(seed, offset, p, (13, 17))
-    w = ref.mask_words(seed, offset, 13 * 17).astype(np.uint64)
-    np.testing.assert_array_equal(m.reshape(-1).numpy(), w < ref.threshold(p))
+    n = 13 * 17
+    t = ref.threshold(p)
+    u = ref.mask_numbers(seed, offset, n).astype(np.int64)
+    v = ref.mask_numbers(seed, offset, n, tie=True).astype(np.int64)
+    expected = (u < t >> 16) | ((u == t >> 16) & (v < (t & 0xFFFF)))
+    np.testing.assert_array_equal(m.reshape(-1).numpy(), expected)
     assert m.dtype == torch.bool and m.shape == (13, 17)
 
 
-def test_keep_mask_tiny_p_drops_only_max_word():
-    # p = 1e-20 -> threshold 2**32 - 1: only a word of 0xffffffff is dropped
+def _tie_p(u: int, tl: int) -> float:
+    """The p whose threshold is (u << 16) | tl: element with number u ties."""
+    return 1.0 - ((u << 16) | tl) / 2.0**32
+
+
+def test_forced_ties_follow_the_tie_draw():
+    seed, offset, n = 3, 8, 4096
+    u = ref.mask_numbers(seed, offset, n)
+    v = ref.mask_numbers(seed, offset, n, tie=True)
+    for m in (0, 5, 8, 1001, 4095):
+        for tl, kept in ((int(v[m]) + 1, True), (int(v[m]), False)):
+            if not 0 < tl <= 0xFFFF:
+                continue
+            p = _tie_p(int(u[m]), tl)
+            assert ref.threshold(p) == (int(u[m]) << 16) | tl
+            mask = ref.keep_mask(seed, offset, p, (n,))
+            assert bool(mask[m]) is kept, (m, tl)
+            # every other element with the same number ties too and follows its own v
+            same = np.flatnonzero(u == u[m])
+            np.testing.assert_array_equal(mask.numpy()[same], v[same].astype(np.int64) < tl)
+
+
+def test_keep_mask_tiny_p_drops_only_max_numbers():
+    # p = 1e-20 -> T = 2**32 - 1: dropped iff u == v == 0xffff (one in 2**32)
     m = ref.keep_mask(3, 0, 1e-20, (1 << 16,))
-    w = ref.mask_words(3, 0, 1 << 16)
-    np.testing.assert_array_equal(m.numpy(), w != 0xFFFFFFFF)
+    u = ref.mask_numbers(3, 0, 1 << 16)
+    v = ref.mask_numbers(3, 0, 1 << 16, tie=True)
+    np.testing.assert_array_equal(m.numpy(), ~((u == 0xFFFF) & (v == 0xFFFF)))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -204,9 +266,9 @@ def test_keep_rate_binomial(p, seed):
     assert stats.binomtest(kept, n, 1.0 - p).pvalue > 1e-4
 
 
-@pytest.mark.parametrize("p", [1e-6, 1 - 1e-6])
+@pytest.mark.parametrize("p", [1e-6, 1 - 1e-6, 1e-4, 1 - 1e-4])
 def test_keep_rate_extreme_p(p):
-    n = 1 << 18
+    n = 1 << 20
     kept = int(ref.keep_mask(11, 0, p, (n,)).sum())
     assert stats.binomtest(kept, n, 1.0 - p).pvalue > 1e-4
 
@@ -261,7 +323,7 @@ def test_ref_dropout_fp16_matches_numpy():
     p, seed, offset = 0.1, 42, 0
     x = torch.randn(4097, generator=torch.Generator().manual_seed(2)).half()
     y = ref.ref_dropout(x, p, seed, offset)
-    keep = ref.mask_words(seed, offset, x.numel()).astype(np.uint64) < ref.threshold(p)
+    keep = ref.keep_mask(seed, offset, p, (x.numel(),)).numpy()
     scale = np.float32(1.0 / (1.0 - p))
     exp = np.where(keep, x.numpy().astype(np.float32) * scale, np.float32(0)).astype(np.float16)
     np.testing.assert_array_equal(y.numpy().view(np.int16), exp.view(np.int16))
@@ -362,3 +424,142 @@ def test_ref_alpha_dropout_preserves_moments():
     y = ref.ref_dropout(x, 0.3, 17, 0, alpha=True)
     assert abs(float(y.mean())) < 0.02
     assert abs(float(y.std()) - 1.0) < 0.02
+
+
+# ------------------------------------------- the extension's paths follow the tie rule
+# A tie forced through seed_offset: p is chosen so that Th = u(m) for a chosen mask
+# element m, and Tl just above v(m) (kept) or equal to it (dropped). Positions are
+# inside a SIMD batch (100) and in a scalar tail (990 of 1000 elements).
+
+TIE_SEED, TIE_OFFSET = 0x5EED5EED1234, 4 * 12345
+
+
+def _tie_cases(n: int, m: int):
+    u = int(ref.mask_numbers(TIE_SEED, TIE_OFFSET, n)[m])
+    v = int(ref.mask_numbers(TIE_SEED, TIE_OFFSET, n, tie=True)[m])
+    cases = [(tl, tl > v) for tl in (v + 1, v) if 0 < tl <= 0xFFFF]
+    assert cases, "no tie case at this element"
+    return [(_tie_p(u, tl), kept) for tl, kept in cases]
+
+
+@pytest.fixture(scope="module")
+def fd():
+    return pytest.importorskip("fused_dropout")
+
+
+def _check_tie(out: torch.Tensor, expected: torch.Tensor, kept_at, m: int, kept: bool):
+    from helpers import assert_bitwise
+
+    assert_bitwise(out, expected)
+    assert bool(kept_at(out, m)) is kept
+
+
+def _elementwise_ops(fd, dtype):
+    """{name: (run(x, p), reference(x, p), value of a dropped element)} of the element-wise ops."""
+    gen = torch.Generator().manual_seed(1)
+    r = torch.randn(10, 100, generator=gen).to(dtype)
+    b = torch.randn(100, generator=gen).to(dtype)
+    so = (TIE_SEED, TIE_OFFSET)
+    zero = torch.zeros(10, 100, dtype=dtype)
+    return {
+        "dropout": (
+            lambda x, p: fd.functional.dropout(x, p, seed_offset=so),
+            lambda x, p: ref.ref_dropout(x, p, *so),
+            zero,
+        ),
+        "dropout_backward": (
+            lambda g, p: _grad_of_dropout(fd, g, p, so),
+            lambda g, p: ref.ref_dropout_backward(g, p, *so),
+            zero,
+        ),
+        "dropout_add": (
+            lambda x, p: fd.functional.dropout_add(x, r, p, seed_offset=so),
+            lambda x, p: ref.ref_dropout_add(x, r, None, p, *so),
+            r,
+        ),
+        "bias_dropout_add": (
+            lambda x, p: fd.functional.bias_dropout_add(x, b, r, p, seed_offset=so),
+            lambda x, p: ref.ref_dropout_add(x, r, b, p, *so),
+            r,
+        ),
+    }
+
+
+def _grad_of_dropout(fd, g, p, so):
+    x = torch.zeros_like(g, requires_grad=True)
+    (gx,) = torch.autograd.grad(fd.functional.dropout(x, p, seed_offset=so), x, g)
+    return gx
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [100, 990], ids=["simd", "tail"])
+@pytest.mark.parametrize("op", ["dropout", "dropout_backward", "dropout_add", "bias_dropout_add"])
+def test_extension_elementwise_tie(fd, dtype, m, op):
+    # inputs in [0.5, 1.5): a kept element never equals the dropped value
+    x = (torch.rand(10, 100, generator=torch.Generator().manual_seed(2)) + 0.5).to(dtype)
+    run, expect, dropped = _elementwise_ops(fd, dtype)[op]
+    for p, kept in _tie_cases(x.numel(), m):
+        _check_tie(
+            run(x, p),
+            expect(x, p),
+            lambda o, i: o.reshape(-1)[i] != dropped.reshape(-1)[i],
+            m,
+            kept,
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [3, 77], ids=["first-batch", "later"])
+def test_extension_alpha_dropout_tie(fd, dtype, m):
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(3)).to(dtype)
+    so = (TIE_SEED, TIE_OFFSET)
+    for p, kept in _tie_cases(x.numel(), m):
+        out = fd.functional.alpha_dropout(x, p, training=True, seed_offset=so)
+        expected = ref.ref_dropout(x, p, *so, alpha=True)
+        dropped = ref._alpha_consts(p, ref.compute_dtype(dtype))[2].to(dtype)
+        _check_tie(out, expected, lambda o, i, d=dropped: o[i] != d, m, kept)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [5, 201], ids=["first-batch", "tail"])
+def test_extension_per_sample_tie(fd, dtype, m):
+    # drop_path: a mask over the batch dim (per-sample broadcast path)
+    x = (torch.rand(210, 3, 70, generator=torch.Generator().manual_seed(4)) + 0.5).to(dtype)
+    so = (TIE_SEED, TIE_OFFSET)
+    for p, kept in _tie_cases(x.shape[0], m):
+        out = fd.functional.drop_path(x, p, training=True, seed_offset=so)
+        expected = ref.ref_dropout(x, p, *so, mask_ndim=1)
+        _check_tie(out, expected, lambda o, i: bool((o[i] != 0).all()), m, kept)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("m", [9, 1003], ids=["first-batch", "tail"])
+def test_extension_per_channel_tie(fd, dtype, layout, m):
+    # dropout2d: a mask over (N, C) (per-channel broadcast path, both layouts)
+    x = (torch.rand(17, 60, 3, 5, generator=torch.Generator().manual_seed(5)) + 0.5).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    so = (TIE_SEED, TIE_OFFSET)
+    for p, kept in _tie_cases(17 * 60, m):
+        out = fd.functional.dropout2d(x, p, training=True, seed_offset=so)
+        expected = ref.ref_dropout(x, p, *so, mask_ndim=2)
+        _check_tie(out, expected, lambda o, i: bool((o.reshape(-1, 15)[i] != 0).all()), m, kept)
+
+
+# P(keep) = T / 2**32 exactly: at p = 1e-4 and 1 - 1e-4 a 16-bit rule (u < Th alone, or
+# u <= Th) is off by 7% to 16% in the rare outcome; 2**27 elements make such a rule fail
+# the test (checked below: its p-value is tiny), while the exact rule passes.
+@pytest.mark.parametrize("p", [1e-4, 1 - 1e-4])
+def test_extension_keep_rate_is_exact_at_extreme_p(fd, p):
+    calls, n = 8, 1 << 24
+    kept = 0
+    for k in range(calls):
+        y = fd.functional.dropout(torch.ones(n, dtype=torch.bfloat16), p, seed_offset=(77, 4 * k))
+        kept += int(torch.count_nonzero(y))
+    total = calls * n
+    t = ref.threshold(p)
+    exact = t / 2**32
+    assert stats.binomtest(kept, total, exact).pvalue > 1e-4
+    for rounded in ((t >> 16) / 2**16, ((t >> 16) + 1) / 2**16):
+        assert stats.binomtest(kept, total, rounded).pvalue < 1e-6, rounded

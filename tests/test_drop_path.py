@@ -262,7 +262,7 @@ def test_whole_samples_all_kept_or_all_zero(which, shape, layout):
     assert_bitwise(y[kept], x[kept] * 2.0, "kept samples scaled by 1/keep")
 
 
-@pytest.mark.parametrize("seed, kept", [(0, True), (1, False), (2, True), (3, False)])
+@pytest.mark.parametrize("seed, kept", [(0, False), (1, True), (2, True), (4, False)])
 def test_batch_mode_drops_all_or_nothing(seed, kept):
     assert bool(ref.keep_mask(seed, 0, 0.5, ())) is kept
     x = positive((8, 3), torch.float32)

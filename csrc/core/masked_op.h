@@ -7,8 +7,8 @@
 //   y   = keep(m) ? v * scale (+ shift) : drop       compute type
 //   out = y (+ residual)                             one rounding to the dtype
 //
-// where m is the element's mask index (see MaskMap) and keep(m) compares the
-// contract's Philox word for m against the threshold. Every add and multiply
+// where m is the element's mask index (see MaskMap) and keep(m) is the
+// contract's decision (core/keep.h). Every add and multiply
 // is rounded separately (no FMA contraction) so the CPU and every GPU agree
 // to the bit.
 #pragma once
@@ -16,17 +16,11 @@
 #include <cmath>
 #include <cstdint>
 
-#include "core/philox.h"
+#include "core/keep.h"
 
 namespace fused_dropout {
 
 enum class DType : int { kFloat, kDouble, kHalf, kBFloat16 };
-
-// Keep iff word < threshold, threshold = min(floor(keep * 2^32), 2^32 - 1).
-inline uint32_t keep_threshold(double p) {
-  const double scaled = std::floor((1.0 - p) * 4294967296.0);
-  return scaled >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(scaled);
-}
 
 // Maps a (kernel-order) element index e to its mask index:
 //   m = (e / run) * stride + e % period
@@ -153,8 +147,6 @@ FD_HD uint16_t float_to_bf16_bits(float f) {
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return f != f ? static_cast<uint16_t>(0x7FC0u) : static_cast<uint16_t>(rounded);
 }
-
-FD_HD bool keep_word(uint32_t word, uint32_t threshold) { return word < threshold; }
 
 // y for one element, before the residual. Dropped elements are selected, not
 // multiplied, so a NaN or Inf in them never leaks.

@@ -112,12 +112,15 @@ FD_HD PhiloxBlock philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t 
   return {{c0, c1, c2, c3}};
 }
 
-// The stream of the contract: the decision word of mask element m is word m % 4
-// of philox(key = seed, counter = (offset / 4, m / 4)). This is cuRAND's
-// curand_init(seed, subsequence = m / 4, offset) followed by curand4().
+// The streams of the contract (DESIGN.md s.2, version 2): key = seed, counter =
+// (o_lo, o_hi, g_lo, g_hi) with o = offset / 4 and g = m / 8 the counter group of
+// mask element m. The tie stream, drawn only when a 16-bit number ties the
+// threshold (core/keep.h), sets the top bit of o_hi: offset < 2^63 leaves it free.
 struct PhiloxStream {
   PhiloxKey key;
   uint32_t o_lo, o_hi;
+
+  static constexpr uint32_t kTieBit = 0x80000000u;
 
   FD_HD static PhiloxStream make(uint64_t seed, uint64_t offset) {
     const uint64_t o = offset / 4;
@@ -126,9 +129,15 @@ struct PhiloxStream {
             static_cast<uint32_t>(o >> 32)};
   }
 
-  // The four words of counter group g (mask elements 4g .. 4g+3).
+  // The four words of counter group g (the first draw of mask elements 8g .. 8g+7).
   FD_HD PhiloxBlock group(uint64_t g) const {
     return philox4x32_10(o_lo, o_hi, static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), key);
+  }
+
+  // The tie draw of counter group g.
+  FD_HD PhiloxBlock tie_group(uint64_t g) const {
+    return philox4x32_10(o_lo, o_hi | kTieBit, static_cast<uint32_t>(g),
+                         static_cast<uint32_t>(g >> 32), key);
   }
 };
 

@@ -17,11 +17,11 @@
 namespace fused_dropout {
 namespace {
 
-// Elements per Philox batch: kLanes independent counters (one SIMD register of
-// 32-bit lanes, core/philox.h), 4 words each.
+// Mask elements per Philox batch: kLanes independent counter groups (one SIMD
+// register of 32-bit lanes, core/philox.h), 8 elements each (core/keep.h).
 using LaneVec = PhiloxLanes;
 constexpr int64_t kLanes = sizeof(LaneVec) / sizeof(uint32_t);
-constexpr int64_t kBlock = 4 * kLanes;
+constexpr int64_t kBlock = kMaskPerCall * kLanes;
 // Work per parallel task; below this the call runs inline on one thread.
 constexpr int64_t kGrainElements = 1 << 15;
 
@@ -45,17 +45,20 @@ struct Storage<c10::BFloat16> {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__BMI2__)
 #define FD_CPU_AVX512 1
+#elif defined(__AVX2__) && !defined(__AVX512F__)
+#define FD_CPU_AVX2 1
+#endif
+#if defined(FD_CPU_AVX512) || defined(FD_CPU_AVX2)
+#define FD_CPU_BLOCK_KERNEL 1
 #endif
 
-// The Philox words of the kBlock mask elements from m0 (a multiple of 4): the
-// kLanes counter groups run as one vector through the shared Philox round. Word
-// j of group l decides element 4l + j.
+// The first-draw Philox words of counter groups g0 .. g0 + kLanes - 1, lane l
+// holding group g0 + l: the lanes run as one vector through the shared round.
 struct BlockWords {
   LaneVec w[4];
 };
 
-BlockWords philox_block(const PhiloxStream& stream, int64_t m0) {
-  const uint64_t g0 = static_cast<uint64_t>(m0) / 4;
+BlockWords philox_block(const PhiloxStream& stream, uint64_t g0) {
   const uint32_t g0_lo = static_cast<uint32_t>(g0);
   LaneVec lane;
   for (int l = 0; l < kLanes; ++l) lane[l] = l;  // 0, 1, 2, ...: folded to a constant
@@ -72,69 +75,128 @@ BlockWords philox_block(const PhiloxStream& stream, int64_t m0) {
   return {{c0, c1, c2, c3}};
 }
 
-#ifdef FD_CPU_AVX512
-// Bit j: keep mask element m0 + j (j < kBlock = 64; m0 a multiple of 4).
-uint64_t keep_bits(const PhiloxStream& stream, const MaskedAffine& a, int64_t m0) {
-  if (a.keep_all || a.threshold == 0) return a.keep_all ? ~uint64_t(0) : 0;
-  const BlockWords b = philox_block(stream, m0);
-  const __m512i t = _mm512_set1_epi32(static_cast<int>(a.threshold));
-  uint64_t bits = 0;
-  for (int j = 0; j < 4; ++j) {  // word j of group l decides element 4l + j
-    const uint64_t m = _mm512_cmplt_epu32_mask(reinterpret_cast<__m512i>(b.w[j]), t);
-    bits |= _pdep_u64(m, 0x1111111111111111ull << j);
+// Keep bits of the kBlock mask elements of a batch: bit j of word j / 64 is
+// element 8 * g0 + j, so byte l is counter group g0 + l.
+struct KeepBits {
+  uint64_t w[kBlock / 64];
+};
+
+// The whole rule of core/keep.h per lane, ties included: the reference form,
+// and what the SIMD forms fall back to for a batch with a tie.
+KeepBits keep_bits_per_group(const PhiloxStream& stream, const KeepRule& rule, uint64_t g0,
+                             const BlockWords& b) {
+  KeepBits bits{};
+  for (int l = 0; l < kLanes; ++l) {
+    bool keep[kMaskPerCall];
+    decide8({{b.w[0][l], b.w[1][l], b.w[2][l], b.w[3][l]}}, stream, rule, g0 + l, keep);
+    for (int j = 0; j < kMaskPerCall; ++j) {
+      bits.w[l / 8] |= static_cast<uint64_t>(keep[j]) << (8 * (l % 8) + j);
+    }
   }
   return bits;
 }
-#endif
 
-// keep[j] for mask elements m0 + j, j < kBlock; m0 is a multiple of 4.
-void draw_keep_block(const PhiloxStream& stream, const MaskedAffine& a, int64_t m0, uint8_t* keep) {
-#ifdef FD_CPU_AVX512
-  _mm512_storeu_si512(keep, _mm512_maskz_set1_epi8(keep_bits(stream, a, m0), 1));
-#else
+// Keep bits of the batch from mask element m0 (a multiple of 8).
+KeepBits keep_bits(const PhiloxStream& stream, const MaskedAffine& a, int64_t m0) {
+  KeepBits bits;
   if (a.keep_all || a.threshold == 0) {
-    std::fill(keep, keep + kBlock, static_cast<uint8_t>(a.keep_all));
-    return;
+    for (auto& w : bits.w) w = a.keep_all ? ~uint64_t(0) : 0;
+    return bits;
   }
-  const BlockWords b = philox_block(stream, m0);
-#if (defined(__clang__) || __GNUC__ >= 12) && !defined(__AVX512F__)
-  // Interleave the four compare results of kLanes = 8 counters into 32 bytes.
-  typedef uint8_t u8x8 __attribute__((vector_size(8)));
-  typedef uint8_t u8x16 __attribute__((vector_size(16)));
-  typedef uint16_t u16x8 __attribute__((vector_size(16)));
-  typedef uint16_t u16x16 __attribute__((vector_size(32)));
-  u8x8 k[4];
-  for (int j = 0; j < 4; ++j) k[j] = __builtin_convertvector(b.w[j] < a.threshold, u8x8) & 1;
-#define FD_ZIP8 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15
-  const u8x16 k01 = __builtin_shufflevector(k[0], k[1], FD_ZIP8);
-  const u8x16 k23 = __builtin_shufflevector(k[2], k[3], FD_ZIP8);
-  const u16x16 all = __builtin_shufflevector(reinterpret_cast<const u16x8&>(k01),
-                                             reinterpret_cast<const u16x8&>(k23), FD_ZIP8);
-#undef FD_ZIP8
-  static_assert(sizeof(all) == kBlock);
-  __builtin_memcpy(keep, &all, kBlock);
+  const uint64_t g0 = static_cast<uint64_t>(m0) / kMaskPerCall;
+  const KeepRule rule = KeepRule::make(a.threshold);
+  const BlockWords b = philox_block(stream, g0);
+#if defined(FD_CPU_AVX512)
+  // Word j of lane l holds the numbers of elements 8l + 2j (low half) and
+  // 8l + 2j + 1: bits 2l and 2l + 1 of one 32-half compare, spread by pdep.
+  const __m512i th = _mm512_set1_epi16(static_cast<short>(rule.hi));
+  __mmask32 tie = 0;
+  bits.w[0] = bits.w[1] = 0;
+  for (int j = 0; j < 4; ++j) {
+    const __m512i u = reinterpret_cast<__m512i>(b.w[j]);
+    const uint32_t k = _mm512_cmplt_epu16_mask(u, th);
+    tie |= _mm512_cmpeq_epu16_mask(u, th);
+    const uint64_t spread = 0x0303030303030303ull << (2 * j);
+    bits.w[0] |= _pdep_u64(k & 0xFFFFu, spread);
+    bits.w[1] |= _pdep_u64(k >> 16, spread);
+  }
+  if (__builtin_expect(tie != 0, 0)) return keep_bits_per_group(stream, rule, g0, b);
+#elif defined(FD_CPU_AVX2)
+  // A 4x8 transpose of the words puts the 16-bit numbers in element order
+  // (e[q]: elements 16q .. 16q + 15); unsigned compares as signed ones on x ^ 0x8000.
+  const __m256i w0 = reinterpret_cast<__m256i>(b.w[0]), w1 = reinterpret_cast<__m256i>(b.w[1]);
+  const __m256i w2 = reinterpret_cast<__m256i>(b.w[2]), w3 = reinterpret_cast<__m256i>(b.w[3]);
+  const __m256i t0 = _mm256_unpacklo_epi32(w0, w1), t1 = _mm256_unpacklo_epi32(w2, w3);
+  const __m256i t2 = _mm256_unpackhi_epi32(w0, w1), t3 = _mm256_unpackhi_epi32(w2, w3);
+  const __m256i l04 = _mm256_unpacklo_epi64(t0, t1), l15 = _mm256_unpackhi_epi64(t0, t1);
+  const __m256i l26 = _mm256_unpacklo_epi64(t2, t3), l37 = _mm256_unpackhi_epi64(t2, t3);
+  const __m256i e[4] = {
+      _mm256_permute2x128_si256(l04, l15, 0x20), _mm256_permute2x128_si256(l26, l37, 0x20),
+      _mm256_permute2x128_si256(l04, l15, 0x31), _mm256_permute2x128_si256(l26, l37, 0x31)};
+  const __m256i flip = _mm256_set1_epi16(static_cast<short>(0x8000));
+  const __m256i th = _mm256_set1_epi16(static_cast<short>(rule.hi));
+  const __m256i th_flipped = _mm256_xor_si256(th, flip);
+  __m256i k[4], tie = _mm256_setzero_si256();
+  for (int q = 0; q < 4; ++q) {
+    k[q] = _mm256_cmpgt_epi16(th_flipped, _mm256_xor_si256(e[q], flip));
+    tie = _mm256_or_si256(tie, _mm256_cmpeq_epi16(e[q], th));
+  }
+  // packs interleaves the 128-bit halves; permute4x64 restores element order.
+  const auto bytes = [](__m256i a, __m256i c) {
+    return static_cast<uint32_t>(
+        _mm256_movemask_epi8(_mm256_permute4x64_epi64(_mm256_packs_epi16(a, c), 0xD8)));
+  };
+  bits.w[0] = bytes(k[0], k[1]) | static_cast<uint64_t>(bytes(k[2], k[3])) << 32;
+  if (__builtin_expect(!_mm256_testz_si256(tie, tie), 0)) {
+    return keep_bits_per_group(stream, rule, g0, b);
+  }
 #else
-  for (int l = 0; l < kLanes; ++l) {
-    for (int j = 0; j < 4; ++j) keep[4 * l + j] = keep_word(b.w[j][l], a.threshold);
-  }
+  bits = keep_bits_per_group(stream, rule, g0, b);
 #endif
+  return bits;
+}
+
+// keep[j] for mask elements m0 + j, j < kBlock; m0 is a multiple of 8.
+void draw_keep_block(const PhiloxStream& stream, const MaskedAffine& a, int64_t m0, uint8_t* keep) {
+  const KeepBits bits = keep_bits(stream, a, m0);
+#if defined(FD_CPU_AVX512)
+  for (int i = 0; i < kBlock / 64; ++i) {
+    _mm512_storeu_si512(keep + 64 * i, _mm512_maskz_set1_epi8(bits.w[i], 1));
+  }
+#elif defined(FD_CPU_AVX2)
+  // Byte j of 32 takes bit j: replicate each source byte 8 times, test its bit.
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
+                                          2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201ll);
+  for (int i = 0; i < kBlock / 32; ++i) {
+    const uint32_t word = static_cast<uint32_t>(bits.w[i / 2] >> (32 * (i % 2)));
+    const __m256i rep = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(word)), spread);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(rep, bit), bit);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + 32 * i),
+                        _mm256_and_si256(set, _mm256_set1_epi8(1)));
+  }
+#else
+  for (int j = 0; j < kBlock; ++j) keep[j] = static_cast<uint8_t>(bits.w[j / 64] >> (j % 64) & 1);
 #endif
 }
 
-#ifdef FD_CPU_AVX512
-// A full block of fp32 or bf16 elements with masked multiplies straight from the
+#ifdef FD_CPU_BLOCK_KERNEL
+// A full batch of fp32 or bf16 elements with masked multiplies straight from the
 // keep bits: masked_value's arithmetic without the keep-byte array (kept:
 // x * scale; dropped: +0 by the zeroing mask; then + residual) and the core's
 // bf16 rounding (nearest even, NaN -> 0x7FC0). The reference tests compare it
 // bit for bit like every other path.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
+#if defined(FD_CPU_AVX512)
+using FVec = __m512;
+constexpr int kVecLanes = 16;
+inline FVec load_vec(const float* p) { return _mm512_loadu_ps(p); }
+inline FVec load_vec(const uint16_t* p) {
   const __m512i wide =
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(uint16_t* p, __m512 v) {
+inline void store_vec(float* p, FVec v) { _mm512_storeu_ps(p, v); }
+inline void store_vec(uint16_t* p, FVec v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
@@ -143,22 +205,61 @@ inline void store16(uint16_t* p, __m512 v) {
       _mm512_mask_mov_epi32(_mm512_srli_epi32(biased, 16), nan, _mm512_set1_epi32(0x7FC0));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
 }
+inline FVec add_vec(FVec a, FVec b) { return _mm512_add_ps(a, b); }
+// Lanes of `bits` (16 keep bits) set: v * s; the others +0.
+inline FVec keep_mul(uint32_t bits, FVec v, FVec s) {
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(bits), v, s);
+}
+inline FVec splat(float f) { return _mm512_set1_ps(f); }
+#else
+using FVec = __m256;
+constexpr int kVecLanes = 8;
+inline FVec load_vec(const float* p) { return _mm256_loadu_ps(p); }
+inline FVec load_vec(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline void store_vec(float* p, FVec v) { _mm256_storeu_ps(p, v); }
+inline void store_vec(uint16_t* p, FVec v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i biased = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i r =
+      _mm256_blendv_epi8(_mm256_srli_epi32(biased, 16), _mm256_set1_epi32(0x7FC0), nan);
+  const __m128i packed =
+      _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline FVec add_vec(FVec a, FVec b) { return _mm256_add_ps(a, b); }
+// Lanes of `bits` (8 keep bits) set: v * s; the others +0.
+inline FVec keep_mul(uint32_t bits, FVec v, FVec s) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i set =
+      _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit), bit);
+  return _mm256_and_ps(_mm256_castsi256_ps(set), _mm256_mul_ps(v, s));
+}
+inline FVec splat(float f) { return _mm256_set1_ps(f); }
+#endif
 
 template <typename scalar_t>
 constexpr bool kBlockKernel =
     std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
 
-// bias, when kBias, is the block's slice of the bias (the block is inside one row).
+// bias, when kBias, is the batch's slice of the bias (the batch is inside one row).
 template <bool kResidual, bool kBias, typename raw>
-void apply_block(const raw* x, const raw* residual, const raw* bias, raw* out, uint64_t bits,
+void apply_block(const raw* x, const raw* residual, const raw* bias, raw* out, const KeepBits& bits,
                  float scale) {
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int q = 0; q < 4; ++q) {
-    __m512 v = load16(x + 16 * q);
-    if constexpr (kBias) v = _mm512_add_ps(v, load16(bias + 16 * q));
-    __m512 y = _mm512_maskz_mul_ps(static_cast<__mmask16>(bits >> (16 * q)), v, s);
-    if constexpr (kResidual) y = _mm512_add_ps(y, load16(residual + 16 * q));
-    store16(out + 16 * q, y);
+  const FVec s = splat(scale);
+  constexpr int kPerWord = 64 / kVecLanes;
+  for (int q = 0; q < kBlock / kVecLanes; ++q) {
+    const int e = kVecLanes * q;
+    FVec v = load_vec(x + e);
+    if constexpr (kBias) v = add_vec(v, load_vec(bias + e));
+    const uint32_t k = static_cast<uint32_t>(bits.w[q / kPerWord] >> (kVecLanes * (q % kPerWord)));
+    FVec y = keep_mul(k & ((1u << kVecLanes) - 1), v, s);
+    if constexpr (kResidual) y = add_vec(y, load_vec(residual + e));
+    store_vec(out + e, y);
   }
 }
 #endif
@@ -213,11 +314,11 @@ void run_elementwise(const Operands<scalar_t>& o, const MaskedOpArgs& a,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t e0 = b * kBlock;
       const int64_t n = std::min(kBlock, a.numel - e0);
-#ifdef FD_CPU_AVX512
+#ifdef FD_CPU_BLOCK_KERNEL
       if constexpr (kBlockKernel<scalar_t> && !kShift) {
         const int64_t col = kBias ? e0 % o.bias_len : 0;
         if (n == kBlock && (!kBias || col + kBlock <= o.bias_len)) {
-          const uint64_t bits = keep_bits(stream, a.affine, e0);
+          const KeepBits bits = keep_bits(stream, a.affine, e0);
           apply_block<kResidual, kBias>(o.x + e0, kResidual ? o.residual + e0 : nullptr,
                                         kBias ? o.bias + col : nullptr, o.out + e0, bits,
                                         o.consts.scale);
@@ -240,8 +341,8 @@ void run_elementwise(const Operands<scalar_t>& o, const MaskedOpArgs& a,
   });
 }
 
-// Mask over leading dims: draw all mask_numel flags once (one Philox word per
-// mask element), then stream the elements in runs that share a flag
+// Mask over leading dims: draw all mask_numel flags once (one Philox call per
+// 8 mask elements), then stream the elements in runs that share a flag
 // (contiguous) or walk the channels of each position (channels-last; never
 // with a bias, which needs the contiguous layout).
 template <bool kResidual, bool kBias, bool kShift, typename scalar_t>
@@ -262,10 +363,11 @@ void run_broadcast(const Operands<scalar_t>& o, const MaskedOpArgs& a, const Phi
         const int64_t col = kBias ? i % o.bias_len : 0;
         if (kBias) len = std::min(len, o.bias_len - col);
         const uint8_t* flag = &keep[outer * map.stride];
-#ifdef FD_CPU_AVX512
+#ifdef FD_CPU_BLOCK_KERNEL
         if constexpr (kBlockKernel<scalar_t> && !kShift && !kBias) {
           // The whole run shares one flag: full blocks as masked multiplies.
-          const uint64_t bits = *flag ? ~uint64_t(0) : 0;
+          KeepBits bits;
+          for (auto& w : bits.w) w = *flag ? ~uint64_t(0) : 0;
           for (; len >= kBlock; len -= kBlock, i += kBlock) {
             apply_block<kResidual, false>(o.x + i, kResidual ? o.residual + i : nullptr, o.bias,
                                           o.out + i, bits, o.consts.scale);

@@ -52,7 +52,14 @@ FD_HD uint32_t tie_bits(const PhiloxBlock& b, const KeepRule& r) {
 
 // Whether any of a block's numbers ties: the common case (no tie) decides each
 // element by first_draw_keeps alone.
-FD_HD bool block_has_tie(const PhiloxBlock& b, const KeepRule& r) { return tie_bits(b, r) != 0; }
+FD_HD bool block_has_tie(const PhiloxBlock& b, const KeepRule& r) {
+  bool tie = false;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < kMaskPerCall; ++j) tie |= block_half(b, j) == r.hi;
+  return tie;
+}
 
 // The first draw's verdict on a number u of a block without a tie.
 FD_HD bool first_draw_keeps(uint32_t u, const KeepRule& r) { return u < r.hi; }
@@ -74,16 +81,11 @@ FD_HD uint32_t resolve_ties(const PhiloxStream& s, const KeepRule& r, uint64_t g
 // keep[j] for element j of counter group g, whose first-draw block is b.
 FD_HD void decide8(const PhiloxBlock& b, const PhiloxStream& s, const KeepRule& r, uint64_t g,
                    bool (&keep)[kMaskPerCall]) {
-  bool tie = false;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int j = 0; j < kMaskPerCall; ++j) {
-    const uint32_t u = block_half(b, j);
-    keep[j] = first_draw_keeps(u, r);
-    tie |= u == r.hi;
-  }
-  if (__builtin_expect(tie, 0)) {
+  for (int j = 0; j < kMaskPerCall; ++j) keep[j] = first_draw_keeps(block_half(b, j), r);
+  if (__builtin_expect(block_has_tie(b, r), 0)) {
     const uint32_t won = resolve_ties(s, r, g, tie_bits(b, r));
 #if defined(__CUDA_ARCH__)
 #pragma unroll

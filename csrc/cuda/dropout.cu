@@ -2,9 +2,11 @@
 // geometry only. All arithmetic (Philox, threshold, scale, residual, bias)
 // comes from core/, the code the CPU test suite executes.
 //
-// Each thread handles units of kUnit consecutive elements (one 16-byte vector,
-// and at least one Philox call: 4 elements) in a grid-stride loop. The mask is
-// a function of the element index alone, so any grid gives the same result.
+// Each thread handles tiles of kTile consecutive elements in a grid-stride loop:
+// at least two 16-byte vectors per operand, all loaded before the first use (so
+// two loads per operand are in flight), and whole Philox calls (8 elements each):
+// fp16/bf16 16 elements (one call per vector), fp32 8 (one per two), fp64 8. The
+// mask is a function of the element index alone, so any grid gives the same result.
 #include <cuda_fp16.h>
 
 #include <ATen/cuda/PhiloxUtils.cuh>
@@ -16,7 +18,11 @@ namespace fused_dropout {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 4;
+// Blocks of kThreads each multiprocessor must hold at once (registers permitting): 4,
+// i.e. 1024 threads (at most 64 registers); 3 where 64 would spill (fp64, whose tiles
+// hold twice the data, and the bias loads).
+template <DType D, bool kBias>
+constexpr int kMinBlocks = D == DType::kDouble || kBias ? 3 : 4;
 
 // How a dtype is stored and converted on the GPU (raw bits in, compute type out).
 template <DType D>
@@ -63,7 +69,7 @@ struct Params {
   int64_t bias_len;
   MaskMap map;
   AffineConsts<typename S::acc> consts;
-  uint32_t threshold;
+  KeepRule rule;
   bool keep_all;
   bool vectorized;  // every streamed pointer is 16-byte aligned
   at::PhiloxCudaState philox;
@@ -71,11 +77,10 @@ struct Params {
   int64_t* pair_out;
 };
 
-// Word i (0..3) of a Philox block without dynamic indexing (which would put
-// the block in local memory).
-__device__ __forceinline__ uint32_t block_word(const PhiloxBlock& b, uint32_t i) {
-  return i == 0 ? b.w[0] : i == 1 ? b.w[1] : i == 2 ? b.w[2] : b.w[3];
-}
+// Elements per thread tile of a dtype (see the top of the file).
+template <DType D>
+constexpr int kTile =
+    std::max<int>(2 * int(16 / sizeof(typename DeviceStorage<D>::raw)), kMaskPerCall);
 
 template <typename raw, int N>
 union Vec {
@@ -83,78 +88,69 @@ union Vec {
   raw e[N];
 };
 
-template <DType D, int kUnit>
-__device__ __forceinline__ void load_unit(const typename DeviceStorage<D>::raw* src, int64_t e0,
-                                          int64_t numel, bool vectorized,
-                                          Vec<typename DeviceStorage<D>::raw, kUnit>& dst) {
-  if (vectorized && e0 + kUnit <= numel) {
+template <typename raw, int N>
+__device__ __forceinline__ void load_tile(const raw* src, int64_t e0, int64_t numel,
+                                          bool vectorized, Vec<raw, N>& dst) {
+  if (vectorized && e0 + N <= numel) {
     const uint4* p = reinterpret_cast<const uint4*>(src + e0);
 #pragma unroll
     for (int q = 0; q < int(sizeof(dst.v) / sizeof(uint4)); ++q) dst.v[q] = p[q];
   } else {
 #pragma unroll
-    for (int j = 0; j < kUnit; ++j) dst.e[j] = e0 + j < numel ? src[e0 + j] : dst.e[j];
+    for (int j = 0; j < N; ++j) dst.e[j] = e0 + j < numel ? src[e0 + j] : dst.e[j];
   }
 }
 
-template <DType D, int kUnit>
-__device__ __forceinline__ void store_unit(typename DeviceStorage<D>::raw* dst, int64_t e0,
-                                           int64_t numel, bool vectorized,
-                                           const Vec<typename DeviceStorage<D>::raw, kUnit>& src) {
-  if (vectorized && e0 + kUnit <= numel) {
+template <typename raw, int N>
+__device__ __forceinline__ void store_tile(raw* dst, int64_t e0, int64_t numel, bool vectorized,
+                                           const Vec<raw, N>& src) {
+  if (vectorized && e0 + N <= numel) {
     uint4* p = reinterpret_cast<uint4*>(dst + e0);
 #pragma unroll
     for (int q = 0; q < int(sizeof(src.v) / sizeof(uint4)); ++q) p[q] = src.v[q];
   } else {
 #pragma unroll
-    for (int j = 0; j < kUnit; ++j) {
+    for (int j = 0; j < N; ++j) {
       if (e0 + j < numel) dst[e0 + j] = src.e[j];
     }
   }
 }
 
-// Keep flags of the unit's elements for an element-wise mask: kUnit / 4 Philox calls.
-template <int kUnit>
-__device__ __forceinline__ void keep_elementwise(const PhiloxStream& stream, uint32_t threshold,
-                                                 int64_t e0, bool (&keep)[kUnit]) {
-#pragma unroll
-  for (int q = 0; q < kUnit / 4; ++q) {
-    const PhiloxBlock b = stream.group(static_cast<uint64_t>(e0 / 4 + q));
-#pragma unroll
-    for (int j = 0; j < 4; ++j) keep[4 * q + j] = keep_word(b.w[j], threshold);
-  }
-}
-
-// Keep flags for a mask over leading dims (MaskMap): m = (e / run) * stride + e % period,
-// walked incrementally; one Philox call per distinct group of 4 mask elements.
-template <int kUnit>
-__device__ __forceinline__ void keep_broadcast(const PhiloxStream& stream, uint32_t threshold,
-                                               const MaskMap& map, int64_t e0,
-                                               bool (&keep)[kUnit]) {
+// Keep bits of a tile (bit j: element e0 + j) for a mask over leading dims (MaskMap):
+// m = (e / run) * stride + e % period, walked element by element in a rolled loop
+// (one Philox call per distinct group of 8); a tile inside one run of a contiguous
+// layout shares one flag.
+template <int N>
+__device__ __forceinline__ uint32_t keep_broadcast(const PhiloxStream& stream, const KeepRule& rule,
+                                                   const MaskMap& map, int64_t e0) {
   int64_t outer = e0 / map.run;
   int64_t in_run = e0 - outer * map.run;
   int64_t channel = map.period == 1 ? 0 : e0 % map.period;
+  // One call site of the rule (one inlined Philox): a tile inside one run takes one turn.
+  const bool one_flag = map.period == 1 && in_run + N <= map.run;
+  const int walk = one_flag ? 1 : N;
   uint64_t group = ~uint64_t(0);
-  PhiloxBlock b{};
-#pragma unroll
-  for (int j = 0; j < kUnit; ++j) {
+  uint32_t group_bits = 0, bits = 0;
+#pragma unroll 1
+  for (int j = 0; j < walk; ++j) {
     const uint64_t m = static_cast<uint64_t>(outer * map.stride + channel);
-    if (m / 4 != group) {
-      group = m / 4;
-      b = stream.group(group);
+    if (m / kMaskPerCall != group) {
+      group = m / kMaskPerCall;
+      group_bits = keep_bits8(stream, rule, group);
     }
-    keep[j] = keep_word(block_word(b, static_cast<uint32_t>(m % 4)), threshold);
+    bits |= ((group_bits >> (m % kMaskPerCall)) & 1u) << j;
     if (++in_run == map.run) in_run = 0, ++outer;
     if (++channel == map.period) channel = 0;
   }
+  if (one_flag) bits = bits != 0 ? ~0u : 0u;
+  return bits;
 }
 
 template <DType D, bool kElementwise, bool kResidual, bool kBias, bool kShift>
-__global__ void __launch_bounds__(kThreads) masked_kernel(const Params<D> p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<D, kBias>) masked_kernel(const Params<D> p) {
   using S = DeviceStorage<D>;
   using raw = typename S::raw;
-  constexpr int kVecElems = int(sizeof(uint4) / sizeof(raw));
-  constexpr int kUnit = kVecElems < 4 ? 4 : kVecElems;
+  constexpr int N = kTile<D>;
 
   uint64_t seed, offset;
   if (p.pair_in != nullptr) {
@@ -171,38 +167,55 @@ __global__ void __launch_bounds__(kThreads) masked_kernel(const Params<D> p) {
   }
   const PhiloxStream stream = PhiloxStream::make(seed, offset);
 
-  const int64_t units = (p.numel + kUnit - 1) / kUnit;
+  const int64_t tiles = (p.numel + N - 1) / N;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < units;
-       u += step) {
-    const int64_t e0 = u * kUnit;
-    Vec<raw, kUnit> x, residual, out;
-    load_unit<D, kUnit>(p.x, e0, p.numel, p.vectorized, x);
-    if constexpr (kResidual) load_unit<D, kUnit>(p.residual, e0, p.numel, p.vectorized, residual);
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < tiles;
+       t += step) {
+    const int64_t e0 = t * N;
+    Vec<raw, N> x, residual, out;
+    load_tile(p.x, e0, p.numel, p.vectorized, x);
+    if constexpr (kResidual) load_tile(p.residual, e0, p.numel, p.vectorized, residual);
 
-    bool keep[kUnit];
-    if (p.keep_all) {
+    // y for the elements [lo, lo + n) of the tile, keep_of(j) giving element j's flag.
+    int64_t col = kBias ? e0 % p.bias_len : 0;  // the bias column, advanced by apply
+    const auto apply = [&](int lo, int n, auto keep_of) {
 #pragma unroll
-      for (int j = 0; j < kUnit; ++j) keep[j] = true;
-    } else if constexpr (kElementwise) {
-      keep_elementwise<kUnit>(stream, p.threshold, e0, keep);
-    } else {
-      keep_broadcast<kUnit>(stream, p.threshold, p.map, e0, keep);
-    }
-
-    int64_t col = kBias ? e0 % p.bias_len : 0;
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j) {
-      auto v = S::load(x.e[j]);
-      if constexpr (kBias) {
-        v = add_rn(v, S::load(__ldg(p.bias + col)));
-        col = col + 1 == p.bias_len ? 0 : col + 1;
+      for (int j = lo; j < lo + n; ++j) {
+        auto v = S::load(x.e[j]);
+        if constexpr (kBias) {
+          v = add_rn(v, S::load(__ldg(p.bias + col)));
+          col = col + 1 == p.bias_len ? 0 : col + 1;
+        }
+        auto y = masked_value<kShift>(keep_of(j), v, p.consts);
+        if constexpr (kResidual) y = add_rn(y, S::load(residual.e[j]));
+        out.e[j] = S::store(y);
       }
-      auto y = masked_value<kShift>(keep[j], v, p.consts);
-      if constexpr (kResidual) y = add_rn(y, S::load(residual.e[j]));
-      out.e[j] = S::store(y);
+    };
+
+    if (p.keep_all) {  // p == 0: every element kept, nothing drawn
+      apply(0, N, [](int) { return true; });
+    } else if constexpr (kElementwise) {
+      // One Philox call per 8 elements, one after the other (which bounds the
+      // registers). Without a tie (all but about 8 * 2^-16 of the calls) the first
+      // draw decides every element, straight from its number.
+#pragma unroll
+      for (int q = 0; q < N / kMaskPerCall; ++q) {
+        const uint64_t g = static_cast<uint64_t>(e0 / kMaskPerCall + q);
+        const PhiloxBlock b = stream.group(g);
+        const int lo = kMaskPerCall * q;
+        if (__builtin_expect(!block_has_tie(b, p.rule), 1)) {
+          apply(lo, kMaskPerCall,
+                [&](int j) { return first_draw_keeps(block_half(b, j - lo), p.rule); });
+        } else {  // the whole rule, recomputed: sharing nothing keeps it off the common path
+          const uint32_t bits = keep_bits8(stream, p.rule, g);
+          apply(lo, kMaskPerCall, [&](int j) { return ((bits >> (j - lo)) & 1u) != 0; });
+        }
+      }
+    } else {
+      const uint32_t bits = keep_broadcast<N>(stream, p.rule, p.map, e0);
+      apply(0, N, [&](int j) { return ((bits >> j) & 1u) != 0; });
     }
-    store_unit<D, kUnit>(p.out, e0, p.numel, p.vectorized, out);
+    store_tile(p.out, e0, p.numel, p.vectorized, out);
   }
 }
 
@@ -225,15 +238,31 @@ bool aligned16(const void* ptr) {
   return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
 }
 
+// Blocks of the kernel resident per multiprocessor at its register count, queried
+// once per device: the grid fills the device and no more.
+template <typename Kernel>
+int resident_blocks(Kernel kernel) {
+  constexpr int kMaxDevices = 64;
+  static int blocks[kMaxDevices] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device < 0 || device >= kMaxDevices) return 1;
+  if (blocks[device] == 0) {
+    int n = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0);
+    blocks[device] = std::max(n, 1);
+  }
+  return blocks[device];
+}
+
 template <DType D, bool kElementwise, bool kResidual, bool kBias, bool kShift>
 void launch_variant(const Params<D>& p, cudaStream_t stream) {
-  constexpr int kUnit = std::max<int>(4, int(16 / sizeof(typename DeviceStorage<D>::raw)));
-  const int64_t units = (p.numel + kUnit - 1) / kUnit;
-  const int64_t wanted = (units + kThreads - 1) / kThreads;
+  const auto kernel = masked_kernel<D, kElementwise, kResidual, kBias, kShift>;
+  const int64_t tiles = (p.numel + kTile<D> - 1) / kTile<D>;
+  const int64_t wanted = (tiles + kThreads - 1) / kThreads;
+  const int64_t full = int64_t(sm_count()) * resident_blocks(kernel);
   // At least one block: for an empty tensor it still writes the pair.
-  const int blocks =
-      static_cast<int>(std::clamp<int64_t>(wanted, 1, int64_t(sm_count()) * kBlocksPerSm));
-  masked_kernel<D, kElementwise, kResidual, kBias, kShift><<<blocks, kThreads, 0, stream>>>(p);
+  kernel<<<static_cast<int>(std::clamp<int64_t>(wanted, 1, full)), kThreads, 0, stream>>>(p);
 }
 
 template <DType D>
@@ -249,7 +278,7 @@ cudaError_t launch_typed(const MaskedOpArgs& a, at::PhiloxCudaState philox, cons
               a.bias_len,
               a.map,
               AffineConsts<typename S::acc>::make(a.affine),
-              a.affine.threshold,
+              KeepRule::make(a.affine.threshold),
               a.affine.keep_all,
               aligned16(a.input) && aligned16(a.residual) && aligned16(a.out),
               philox,

@@ -45,6 +45,7 @@ struct HostConfig {
   // index) of each launch; the others are skipped, as if another GPU ran them.
   int64_t first_block = 0, block_count = 0;
   int max_threads = 1024;
+  int resident_blocks = 8;  // cudaOccupancyMaxActiveBlocksPerMultiprocessor's answer
 };
 
 // What the last launches did, for the tests to check.
@@ -286,6 +287,11 @@ inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
       return cudaErrorInvalidValue;
   }
 }
+template <typename Kernel>
+inline cudaError_t occupancy_max_active_blocks(int* blocks, Kernel, int, size_t) {
+  *blocks = host_config().resident_blocks;
+  return cudaSuccess;
+}
 inline cudaError_t get_last_error() {
   const cudaError_t e = detail::last_error;
   detail::last_error = cudaSuccess;
@@ -296,6 +302,7 @@ inline cudaError_t get_last_error() {
 #define cudaGetDevice ::cuda_host::get_device
 #define cudaDeviceGetAttribute ::cuda_host::device_get_attribute
 #define cudaGetLastError ::cuda_host::get_last_error
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor ::cuda_host::occupancy_max_active_blocks
 #define cudaPeekAtLastError() (::cuda_host::detail::last_error)
 
 // ---------------------------------------------------------------- device intrinsics

@@ -9,6 +9,11 @@ the SASS (cuobjdump --dump-sass) the 128-bit global loads/stores (LDG.E.128 /
 STG.E.128) against all global loads/stores, and the Philox rounds: each round is two
 32x32->64-bit multiplies by the Philox constants ([U]IMAD.WIDE.U32 / [U]IMAD.HI).
 
+A second table is a throughput model of every element-wise kernel (a lead, not a
+measurement): SASS instructions and IMADs per element on the steady-state vector path
+of the grid-stride loop, the issue-bound and memory-bound elements/s they imply on an
+A100, H100, H200 and B200, and which bound each kernel hits (bench/README.md).
+
 ``analyze`` and ``check`` are importable, so a test can assert no spills and
 vectorized I/O in the contiguous kernels: ``assert kernels.check(kernels.analyze("sm_80")) == []``.
 """
@@ -60,6 +65,9 @@ class Kernel:
     ldg: int = 0  # all global loads, any width
     stg: int = 0
     philox_muls: int = 0
+    tile: int = 0  # elements per thread per loop turn (element-wise kernels; 0: not modelled)
+    path_instrs: int = 0  # SASS instructions of one turn of the steady-state vector path
+    path_imads: int = 0  # the IMADs among them (any IMAD.* form)
 
     @property
     def spill_bytes(self) -> int:
@@ -75,6 +83,14 @@ class Kernel:
     def philox_calls(self) -> int:
         """Philox4x32-10 evaluations in the code (static: a call in a branch counts once)."""
         return round(self.philox_muls / 20)
+
+    @property
+    def instrs_per_element(self) -> float:
+        return self.path_instrs / self.tile if self.tile else math.nan
+
+    @property
+    def imads_per_element(self) -> float:
+        return self.path_imads / self.tile if self.tile else math.nan
 
     def occupancy(self, block: int = 256) -> float:
         """Resident warps / max warps per SM, limited by registers alone."""
@@ -220,25 +236,133 @@ def _is_philox_mul(ins: str) -> bool:
     return False
 
 
+def sass_functions(text: str) -> dict[str, list[tuple[int, str]]]:
+    """mangled name -> [(address, instruction)] (cuobjdump --dump-sass)."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        if m := re.search(r"Function : (\S+)", line):
+            current = out.setdefault(m[1], [])
+        elif current is not None and (m := re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)):
+            current.append((int(m[1], 16), m[2]))
+    return out
+
+
+def opcode(ins: str) -> str:
+    """'@!P0 LDG.E.128 R4, [R2]' -> 'LDG.E.128'."""
+    rest = re.sub(r"^@!?U?P\w+\s+", "", ins).split()
+    return rest[0] if rest else ""
+
+
 def parse_sass(text: str) -> dict[str, Counter]:
     """mangled name -> counts of ldg128, stg128, ldg, stg, philox_muls (cuobjdump --dump-sass)."""
     out: dict[str, Counter] = {}
-    counts = None
-    for line in text.splitlines():
-        if m := re.search(r"Function : (\S+)", line):
-            counts = out.setdefault(m[1], Counter())
-            continue
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
-        if counts is None or not m:
-            continue
-        ins = m[1]
-        op = re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0] if ins.split() else ""
-        for kind in ("LDG", "STG"):
-            if op.startswith(kind + "."):
-                counts[kind.lower()] += 1
-                counts[kind.lower() + "128"] += ".128" in op
-        counts["philox_muls"] += _is_philox_mul(ins)
+    for name, instrs in sass_functions(text).items():
+        counts = out[name] = Counter()
+        for _, ins in instrs:
+            op = opcode(ins)
+            for kind in ("LDG", "STG"):
+                if op.startswith(kind + "."):
+                    counts[kind.lower()] += 1
+                    counts[kind.lower() + "128"] += ".128" in op
+            counts["philox_muls"] += _is_philox_mul(ins)
     return out
+
+
+# ------------------------------------------------------------------ steady-state path
+
+
+def _branch(ins: str) -> tuple[int | None, bool, bool]:
+    """(target, conditional, ends the path) of a control-flow instruction."""
+    op = opcode(ins)
+    conditional = ins.startswith("@") and not ins.startswith("@PT ")
+    if op.startswith("BRA"):
+        m = re.search(r"(0x[0-9a-f]+)\s*$", ins)
+        return (int(m[1], 16) if m else None), conditional, False
+    if op in ("EXIT", "RET", "RET.REL", "RET.REL.NODEC") or op.startswith("BPT"):
+        return None, conditional, not conditional
+    return None, False, False
+
+
+def steady_state_path(instrs: list[tuple[int, str]], loads: int, stores: int, calls: int):
+    """The instructions one thread executes per iteration of the grid-stride loop on its
+    common path: the shortest way round the loop (header to back edge) that issues
+    ``loads`` 128-bit loads, ``stores`` 128-bit stores and the Philox multiplies of
+    ``calls`` first-draw calls (19 each: the first round's multiply of the uniform
+    counter word o_lo is hoisted out of the loop). So the scalar tail, the p == 0 path
+    (no Philox) and the tie path (another call) are all excluded. None if no such loop."""
+    addrs = [a for a, _ in instrs]
+    index = {a: i for i, a in enumerate(addrs)}
+    back_edges = [
+        (target, addr)
+        for addr, ins in instrs
+        if (target := _branch(ins)[0]) is not None and target <= addr and target in index
+    ]
+    need = (19 * calls, loads, stores)
+
+    def tally(ins: str) -> tuple[int, int, int]:
+        op = opcode(ins)
+        return (
+            int(_is_philox_mul(ins)),
+            int(op.startswith("LDG.") and ".128" in op),
+            int(op.startswith("STG.") and ".128" in op),
+        )
+
+    best = None
+    for head, tail in sorted(back_edges, key=lambda e: e[0] - e[1]):  # widest loop first
+        lo, hi = index[head], index[tail]
+        # leaders: loop start, branch targets and instructions after a branch
+        leaders = {lo}
+        for i in range(lo, hi + 1):
+            target, conditional, _ = _branch(instrs[i][1])
+            if target is not None or opcode(instrs[i][1]).startswith(("BRA", "EXIT")):
+                leaders.add(i + 1)
+                if target is not None and target in index and lo <= index[target] <= hi:
+                    leaders.add(index[target])
+        starts = sorted(x for x in leaders if x <= hi)
+        # DP over the loop body's blocks in address order (forward edges only):
+        # state (capped tallies) -> (instruction count, path)
+        states: dict[int, dict[tuple, tuple[int, list[str]]]] = {lo: {(0, 0, 0): (0, [])}}
+        for k, b in enumerate(starts):
+            end = starts[k + 1] if k + 1 < len(starts) else hi + 1
+            for key, (cnt, path) in list(states.get(b, {}).items()):
+                t, n, p = list(key), cnt, list(path)
+                reached_tail = False
+                succ = []
+                for i in range(b, end):
+                    ins = instrs[i][1]
+                    if opcode(ins) == "NOP":
+                        continue
+                    d = tally(ins)
+                    t = [min(x + y, c) for x, y, c in zip(t, d, need)]
+                    n += 1
+                    p.append(ins)
+                    target, conditional, stops = _branch(ins)
+                    if i == hi:
+                        reached_tail = True
+                        break
+                    if stops:
+                        break
+                    if target is not None:
+                        if target in index and index[target] > i and index[target] <= hi:
+                            succ.append(index[target])
+                        if not conditional:
+                            break
+                else:
+                    if end <= hi:
+                        succ.append(end)
+                if reached_tail:
+                    if tuple(t) == need and (best is None or n < best[0]):
+                        best = (n, p)
+                    # a conditional back edge can also fall through out of the loop
+                    continue
+                for sb in succ:
+                    slot = states.setdefault(sb, {})
+                    if tuple(t) not in slot or slot[tuple(t)][0] > n:
+                        slot[tuple(t)] = (n, list(p))
+        if best is not None:
+            return best[1]
+    return None
 
 
 def demangle(names: list[str], src: Path = ROOT / "csrc") -> dict[str, str]:
@@ -297,7 +421,8 @@ def analyze(
                 parse_ptxas(log),
                 parse_resource_usage(_cuobjdump(cubin, "--dump-resource-usage")),
             )
-            sass = parse_sass(_cuobjdump(cubin, "--dump-sass"))
+            text = _cuobjdump(cubin, "--dump-sass")
+            sass, functions = parse_sass(text), sass_functions(text)
             short = demangle(list(usage), src)
             for mangled, res in usage.items():
                 k = Kernel(arch, short[mangled], mangled, **res)
@@ -305,8 +430,157 @@ def analyze(
                     setattr(k, key, value)
                 for key, value in sass.get(mangled, Counter()).items():
                     setattr(k, key, value)
+                _model_path(k, functions.get(mangled, []))
                 kernels.append(k)
     return kernels
+
+
+# ------------------------------------------------------------------ throughput model
+# A lead, not a measurement: what the SASS of the steady-state loop implies.
+
+# csrc/cuda/dropout.cu's kTile (elements per thread tile) and 16-byte vector widths.
+ITEMSIZE = {"float": 4, "double": 8, "half": 2, "bfloat16": 2}
+TILE = {dt: max(2 * 16 // size, 8) for dt, size in ITEMSIZE.items()}
+MASK_PER_CALL = 8
+
+
+def kernel_flags(name: str) -> tuple[str, bool, bool, bool, bool] | None:
+    """'masked_kernel<half, 1, 1, 0, 0>' -> (dtype, element-wise, residual, bias, shift)."""
+    m = re.match(r"masked_kernel<(\w+), ([01]), ([01]), ([01]), ([01])>$", name)
+    return (m[1], *(m[i] == "1" for i in range(2, 6))) if m else None
+
+
+def kernel_role(name: str) -> str:
+    flags = kernel_flags(name)
+    if flags is None:
+        return "?"
+    _, elementwise, residual, bias, shift = flags
+    if not elementwise:
+        return "broadcast mask"
+    if shift:
+        return "alpha_dropout fwd"
+    return {
+        (False, False): "dropout fwd, every bwd",
+        (True, False): "dropout_add fwd",
+        (False, True): "x + bias, masked",
+        (True, True): "bias_dropout_add fwd",
+    }[(residual, bias)]
+
+
+def _model_path(k: Kernel, instrs: list[tuple[int, str]]) -> None:
+    """Fill tile / path_instrs / path_imads of an element-wise kernel from its SASS."""
+    flags = kernel_flags(k.name)
+    if flags is None or not flags[1] or not instrs:
+        return
+    dtype, _, residual, _, _ = flags
+    tile, vectors = TILE[dtype], TILE[dtype] * ITEMSIZE[dtype] // 16
+    path = steady_state_path(
+        instrs, vectors * (2 if residual else 1), vectors, tile // MASK_PER_CALL
+    )
+    if path is not None:
+        k.tile, k.path_instrs = tile, len(path)
+        k.path_imads = sum(opcode(i).startswith("IMAD") for i in path)
+
+
+def bytes_per_element(k: Kernel) -> int:
+    """The bytes-moved model (bench/bytes_model.py): each operand read once, the result
+    written once; the bias (one row) is negligible."""
+    dtype, _, residual, _, _ = kernel_flags(k.name)
+    return ITEMSIZE[dtype] * (3 if residual else 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    name: str
+    arch: str  # whose SASS models it
+    sms: int
+    clock_ghz: float  # boost
+    bandwidth_tbs: float  # HBM, TB/s
+    note: str = ""
+
+
+# Datasheet figures (SXM parts).
+GPUS = (
+    Gpu("A100", "sm_80", 108, 1.410, 2.039, "A100 80GB SXM4"),
+    Gpu("H100", "sm_90", 132, 1.980, 3.35, "H100 SXM5"),
+    Gpu("H200", "sm_90", 132, 1.980, 4.8, "H200 SXM"),
+    Gpu("B200", "sm_90", 148, 1.965, 8.0, "sm_100 modelled by the sm_90 SASS"),
+)
+# Per SM and clock: 4 schedulers issue one warp instruction each; IMAD goes to the
+# half-rate fma-heavy pipe (16 lanes per scheduler), so at most 2 warp IMADs.
+ISSUE_PER_SM_CLOCK = 4
+IMAD_PER_SM_CLOCK = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    kernel: Kernel
+    gpu: Gpu
+    issue: float  # elements/s if instruction issue were the only limit
+    imad: float  # elements/s if the IMAD pipe were the only limit
+    memory: float  # elements/s at the datasheet bandwidth and the bytes model
+
+    @property
+    def compute(self) -> float:
+        return min(self.issue, self.imad)
+
+    @property
+    def bound(self) -> str:
+        return "memory" if self.memory <= self.compute else "compute"
+
+    @property
+    def headroom(self) -> float:
+        """Compute-bound rate over memory-bound rate (> 1: memory-bound)."""
+        return self.compute / self.memory
+
+
+def bounds(k: Kernel, gpu: Gpu) -> Bounds:
+    warp_elements = 32 * gpu.sms * gpu.clock_ghz * 1e9
+    return Bounds(
+        k,
+        gpu,
+        ISSUE_PER_SM_CLOCK * warp_elements / k.instrs_per_element,
+        IMAD_PER_SM_CLOCK * warp_elements / max(k.imads_per_element, 1e-9),
+        gpu.bandwidth_tbs * 1e12 / bytes_per_element(k),
+    )
+
+
+def model_table(kernels: list[Kernel], block: int) -> str:
+    modelled = [k for k in kernels if k.tile]
+    width = max([len(k.name) for k in modelled] + [6])
+    lines = [
+        "Throughput model (a lead from the SASS, not a measurement): instructions per element",
+        "on the steady-state vector path of each element-wise kernel's grid-stride loop (no",
+        "tie, p > 0, full 16-byte tiles), issue-bound at 4 warp-instructions/clock/SM and",
+        "IMAD-bound at 2/clock/SM, against the memory bound of the bytes model at the",
+        "datasheet bandwidth; G elements/s, and compute/memory (> 1: memory-bound).",
+        "",
+        f"{'arch':<6} {'kernel':<{width}} {'role':<22} {'regs':>4} {'occ':>4} {'instr/el':>8} "
+        f"{'IMAD/el':>7} {'B/el':>4}  "
+        + "  ".join(f"{g.name + ' issue/mem':>17} {'bound':>6}" for g in GPUS),
+    ]
+    lines.append("-" * len(lines[-1]))
+    for k in modelled:
+        cells = []
+        for g in GPUS:
+            if g.arch != k.arch:
+                cells.append(f"{'':>17} {'':>6}")
+                continue
+            b = bounds(k, g)
+            cells.append(
+                f"{b.compute / 1e9:>7.0f}/{b.memory / 1e9:<5.0f}{b.headroom:>4.1f}x "
+                f"{b.bound[:6]:>6}"
+            )
+        lines.append(
+            f"{k.arch:<6} {k.name:<{width}} {kernel_role(k.name):<22} {k.registers:>4} "
+            f"{k.occupancy(block):>4.0%} {k.instrs_per_element:>8.1f} {k.imads_per_element:>7.1f} "
+            f"{bytes_per_element(k):>4}  " + "  ".join(cells)
+        )
+    lines.append("")
+    lines += [
+        f"{g.name}: {g.sms} SMs, {g.clock_ghz} GHz, {g.bandwidth_tbs} TB/s ({g.note})" for g in GPUS
+    ]
+    return "\n".join(lines)
 
 
 def is_contiguous(k: Kernel) -> bool:
@@ -360,6 +634,8 @@ def main(argv=None) -> int:
         return 1
     kernels = [k for arch in args.arch for k in analyze(arch, args.src)]
     print(table(kernels, args.block))
+    print()
+    print(model_table(kernels, args.block))
     problems = check(kernels)
     print(
         "\n".join(f"FAIL {p}" for p in problems)
@@ -372,6 +648,19 @@ def main(argv=None) -> int:
                 "philox_rounds": k.philox_rounds,
                 "philox_calls": k.philox_calls,
                 "occupancy": k.occupancy(args.block),
+                "instrs_per_element": k.instrs_per_element if k.tile else None,
+                "imads_per_element": k.imads_per_element if k.tile else None,
+                "model": {
+                    g.name: {
+                        "issue": (b := bounds(k, g)).issue,
+                        "imad": b.imad,
+                        "memory": b.memory,
+                        "bound": b.bound,
+                        "headroom": b.headroom,
+                    }
+                    for g in GPUS
+                    if k.tile and g.arch == k.arch
+                },
             }
             for k in kernels
         ]

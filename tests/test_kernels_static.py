@@ -35,6 +35,32 @@ def test_kernels_do_not_spill_and_use_vector_io(arch):
     assert found, "no kernels in csrc/cuda/*.cu"
     assert kernels.check(found) == []
     assert all(k.philox_calls >= 1 for k in found)
+    # contract v2: one Philox call per 8 mask elements, so an element-wise tile of 16
+    # fp16/bf16 or 8 fp32 elements makes 2 or 1 first-draw calls (plus the tie draw's)
+    for k in found:
+        flags = kernels.kernel_flags(k.name)
+        if flags and flags[1]:
+            calls = kernels.TILE[flags[0]] // kernels.MASK_PER_CALL
+            assert k.philox_rounds >= 10 * calls - 0.5, k.name
+
+
+@needs_tools
+def test_throughput_model_finds_the_steady_state_path_of_every_elementwise_kernel():
+    """bench/kernels.py's model: every element-wise kernel has a steady-state vector path
+    (two 16-byte loads per operand, the tile's first-draw Philox calls) and the fp16
+    dropout kernel (forward and every backward) is memory-bound on an H200 by the model.
+    A static model of the SASS, not a measurement."""
+    found = kernels.analyze("sm_90")
+    elementwise = [k for k in found if (f := kernels.kernel_flags(k.name)) and f[1]]
+    assert elementwise and all(k.tile and k.path_instrs > 0 for k in elementwise)
+    for k in elementwise:
+        dtype = kernels.kernel_flags(k.name)[0]
+        loads = k.tile * kernels.ITEMSIZE[dtype] // 16
+        assert loads >= 2, k.name  # two 16-byte loads per operand in flight per thread
+        assert k.ldg128 >= loads, k.name
+    h200 = next(g for g in kernels.GPUS if g.name == "H200")
+    (fp16,) = [k for k in elementwise if k.name == "masked_kernel<half, 1, 0, 0, 0>"]
+    assert kernels.bounds(fp16, h200).bound == "memory"
 
 
 @pytest.mark.slow

@@ -138,6 +138,16 @@ EXTREME_PAIRS = (
 )
 
 
+def _tie_p(n: int, m: int, kept: bool) -> float:
+    """The p under which mask element m (of n, at SEED_OFFSET) ties the threshold's high
+    half (contract v2) and the tie draw keeps it (or not)."""
+    u = int(ref.mask_numbers(*SEED_OFFSET, n)[m])
+    v = int(ref.mask_numbers(*SEED_OFFSET, n, tie=True)[m])
+    tl = v + 1 if kept else v
+    assert 0 < tl <= 0xFFFF
+    return 1.0 - ((u << 16) | tl) / 2.0**32
+
+
 def _cases() -> list[Case]:
     cases = []
     for dt in DTYPES:
@@ -161,6 +171,16 @@ def _cases() -> list[Case]:
             for k in (-1, 2):
                 cases.append(Case("dropout_", dt, (3, 5, 7, 9), 0.5, k, layout))
         cases.append(Case("dropout_", dt, (5000,), 0.5))  # many blocks rewrite their own units
+        # forced ties: element-wise (a vector tile and the tail), per-sample, per-channel
+        cases += [
+            Case("dropout", dt, (1000,), _tie_p(1000, m, kept))
+            for m in (100, 995)
+            for kept in (True, False)
+        ]
+        cases.append(Case("add", dt, (10, 100), _tie_p(1000, 100, True)))
+        cases.append(Case("dropout", dt, (210, 3, 7), _tie_p(210, 5, True), 1))
+        for layout in ("contiguous", "channels_last"):
+            cases.append(Case("dropout", dt, (17, 60, 3, 5), _tie_p(1020, 9, True), 2, layout))
         # p = 0 (nothing drawn) and p = 1 (zeros)
         for p in (0.0, 1.0):
             cases += [Case("dropout", dt, (1027,), p), Case("bias_add", dt, (6, 35), p)]
@@ -272,7 +292,7 @@ MUTATIONS = (
     cuda_host.Mutation(
         "vector store over the tail",
         KERNEL,
-        "if (vectorized && e0 + kUnit <= numel) {\n    uint4* p",
+        "if (vectorized && e0 + N <= numel) {\n    uint4* p",
         "if (vectorized) {\n    uint4* p",
     ),
     cuda_host.Mutation(
@@ -280,6 +300,12 @@ MUTATIONS = (
         KERNEL,
         "col = col + 1 == p.bias_len ? 0 : col + 1;",
         "col = col + 1;",
+    ),
+    cuda_host.Mutation(
+        "tie draw ignored",
+        KERNEL,
+        "if (__builtin_expect(!block_has_tie(b, p.rule), 1)) {",
+        "if (true) {",
     ),
     cuda_host.Mutation(
         "pair_in ignored",

@@ -1,5 +1,6 @@
 // Every schema of the library, in one place. The implementations register themselves:
-// ops/kernels.cpp for the CPU and CUDA keys, ops/autograd.cpp for Autograd, and
+// ops/kernels.cpp for the CPU and CUDA keys, ops/autograd.cpp for Autograd, ops/rng.cpp for
+// draw_seed_offset (no tensor to dispatch on: one kernel for every device), and
 // fused_dropout/ops.py holds the fake (meta) kernels.
 #include <torch/library.h>
 
@@ -20,4 +21,6 @@ TORCH_LIBRARY(fused_dropout, m) {
       "dropout_add(Tensor input, Tensor residual, Tensor? bias, float p, int mask_ndim, "
       "bool scale_by_keep, int? seed, int? offset, Generator? generator) -> (Tensor, Tensor)",
       seeded);
+  // The pair the next op call on `device` would draw, drawn on the host (ops/rng.cpp).
+  m.def("draw_seed_offset(Device device, Generator? generator) -> int[]", seeded);
 }

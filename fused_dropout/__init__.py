@@ -8,7 +8,7 @@ from fused_dropout import _loader
 
 _loader.load()
 
-from fused_dropout import functional, functional_mode, ops  # noqa: E402  (needs the loaded ops)
+from fused_dropout import functional, functional_mode, ops, skip  # noqa: E402  (needs the loaded ops)
 from fused_dropout.convert import convert  # noqa: E402
 from fused_dropout.functional_mode import mode  # noqa: E402
 from fused_dropout.modules import (  # noqa: E402
@@ -24,6 +24,7 @@ from fused_dropout.modules import (  # noqa: E402
     FeatureAlphaDropout,
     StochasticDepth,
 )
+from fused_dropout.skip import DropPathResidual  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "BiasDropoutAdd",
     "DropPath",
     "DropPathAdd",
+    "DropPathResidual",
     "Dropout",
     "Dropout1d",
     "Dropout2d",
@@ -43,4 +45,5 @@ __all__ = [
     "functional_mode",
     "mode",
     "ops",
+    "skip",
 ]

@@ -86,7 +86,14 @@ def _describe(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def convert(model: nn.Module, functional: bool = False) -> tuple[nn.Module, dict[str, int]]:
+def convert(
+    model: nn.Module,
+    functional: bool = False,
+    *,
+    skip_dropped: bool = False,
+    skip_mode: str = "sample",
+    allow_batchnorm: bool = False,
+) -> tuple[nn.Module, dict[str, int]]:
     """Replace, in place, every dropout-family layer of ``model`` by fused_dropout's module.
 
     Replaced are the modules whose type is *exactly* one of ``torch.nn.Dropout``,
@@ -113,6 +120,13 @@ def convert(model: nn.Module, functional: bool = False) -> tuple[nn.Module, dict
             ``fused_dropout.mode()`` is entered whenever the model or one of its submodules is
             called (see ``fused_dropout.functional_mode``); undo it with
             ``fused_dropout.functional_mode.detach(model)``.
+        skip_dropped: also rewire the residual blocks it knows (timm's ViT ``Block``,
+            ``ConvNeXtBlock``, torchvision's ``CNBlock``, ...; see
+            :func:`fused_dropout.skip.rewire`) so that in training each branch runs only on
+            the samples its drop-path layer keeps (``skip_mode``: ``"sample"``, timm's
+            semantics, or ``"subset"``, DINOv2's fixed-size subset). Blocks whose branch holds
+            a BatchNorm are left unless ``allow_batchnorm`` (its statistics would then come
+            from the kept samples only). Eval outputs and ``state_dict`` are unchanged.
 
     Returns:
         ``(model, counts)``. ``counts`` maps the name of each kind of layer replaced to the
@@ -123,6 +137,9 @@ def convert(model: nn.Module, functional: bool = False) -> tuple[nn.Module, dict
         ``UserWarning``. Modules that already are fused_dropout's (or subclass them) are
         neither replaced nor counted, so converting twice changes nothing and the second
         call returns no replacement counts.
+        With ``skip_dropped``, also ``"skip_dropped:<Block>"`` (blocks rewired) and
+        ``"not_skipped:<Block>"`` (other modules holding a drop-path layer, named in a
+        ``UserWarning``).
 
     Note:
         Without ``functional=True`` only modules are swapped: dropout called functionally
@@ -189,6 +206,10 @@ def convert(model: nn.Module, functional: bool = False) -> tuple[nn.Module, dict
 
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("fused_dropout.convert: TorchScript modules cannot be converted")
+    if skip_dropped:
+        from fused_dropout import skip
+
+        counts.update(skip.rewire(model, skip_mode, allow_batchnorm))
     root = new_module(model, "")
     if root is not None:
         model = root

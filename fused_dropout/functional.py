@@ -21,6 +21,7 @@ __all__ = [
     "bias_dropout_add",
     "drop_path",
     "drop_path_add",
+    "drop_path_residual",
     "dropout",
     "dropout1d",
     "dropout2d",
@@ -210,3 +211,7 @@ for _name in (
 ):
     torch.fx.wrap(_name)
 del _name
+
+
+# Lives with its sample-skipping machinery (which uses this module), so it is imported last.
+from fused_dropout.skip import drop_path_residual  # noqa: E402

@@ -11,6 +11,7 @@ knows (see :func:`rewire`) to call it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -118,8 +119,8 @@ _counters: list[_Counts] = []
 
 @contextlib.contextmanager
 def count_skipped() -> Iterator[_Counts]:
-    """Counts the branch samples that ``drop_path_residual`` calls (``samples``) and skips
-    (``skipped``) while the block runs (training calls with ``p > 0``)."""
+    """Counts, inside the ``with`` block, the samples that ``drop_path_residual`` is given in
+    training with ``p > 0`` (``samples``) and those whose branch it skips (``skipped``)."""
     counts = _Counts()
     _counters.append(counts)
     try:
@@ -370,14 +371,20 @@ def _drop_params(layer: nn.Module) -> tuple[float, bool] | None:
 
 
 def _drop_kind(layer: nn.Module) -> str | None:
-    """"DropPath" / "StochasticDepth" for timm's, torchvision's and our layers, else None."""
+    """ "DropPath" / "StochasticDepth" for timm's, torchvision's and our layers, else None."""
+    return _drop_kind_of(type(layer))
+
+
+@functools.cache
+def _drop_kind_of(cls: type) -> str | None:
+    # By type, once: a timm/torchvision layer's package is imported before the layer exists.
     from fused_dropout import modules
     from fused_dropout.convert import _replaceable
 
     for name in ("DropPath", "StochasticDepth"):
-        if isinstance(layer, getattr(modules, name)):
+        if issubclass(cls, getattr(modules, name)):
             return name
-    name = _replaceable().get(type(layer))
+    name = _replaceable().get(cls)
     return name if name in ("DropPath", "StochasticDepth") else None
 
 

@@ -223,7 +223,9 @@ def test_keep_rate_is_binomial():
     counts = torch.zeros(batch)
     k = max(int(batch * (1 - p)), 1)
     for _ in range(calls):
-        idx, _ = skip.kept_samples(batch, p, "subset", seed_offset=(int(torch.randint(1 << 62, ())), 0))
+        idx, _ = skip.kept_samples(
+            batch, p, "subset", seed_offset=(int(torch.randint(1 << 62, ())), 0)
+        )
         assert len(idx) == k
         counts[idx] += 1
     q = k / batch  # each index is in a uniform k-subset with probability k/B
@@ -445,6 +447,10 @@ def _block_inputs(model, block_type, x):
     return inputs
 
 
+def _timm_module(name):
+    return importlib.import_module(f"timm.models.{name}")
+
+
 def _tv_swin(v2):
     tv = pytest.importorskip("torchvision")
     return (tv.models.swin_v2_t if v2 else tv.models.swin_t)(weights=None, num_classes=10)
@@ -453,15 +459,15 @@ def _tv_swin(v2):
 BLOCKS = {
     "timm-vit-Block": (lambda: _timm_vit(0.5), "Block", (2, 3, 32, 32)),
     "timm-vit-ResPostBlock": (
-        lambda: _timm_vit(0.5, block_fn=importlib.import_module("timm.models.vision_transformer").ResPostBlock),
+        lambda: _timm_vit(0.5, block_fn=_timm_module("vision_transformer").ResPostBlock),
         "ResPostBlock",
         (2, 3, 32, 32),
     ),
     "timm-ConvNeXtBlock": (lambda: _timm_convnext(0.5), "ConvNeXtBlock", (2, 3, 32, 32)),
     "torchvision-CNBlock": (lambda: _torchvision_convnext(0.5), "CNBlock", (2, 3, 32, 32)),
-    "torchvision-SwinTransformerBlock": (lambda: _tv_swin(False), "SwinTransformerBlock", (2, 3, 32, 32)),
-    "torchvision-SwinTransformerBlockV2": (lambda: _tv_swin(True), "SwinTransformerBlockV2", (2, 3, 32, 32)),
-}  # fmt: skip
+    "torchvision-Swin": (lambda: _tv_swin(False), "SwinTransformerBlock", (2, 3, 32, 32)),
+    "torchvision-SwinV2": (lambda: _tv_swin(True), "SwinTransformerBlockV2", (2, 3, 32, 32)),
+}
 
 
 @pytest.mark.parametrize("name", BLOCKS)

@@ -323,8 +323,9 @@ def _torchvision_cnblock(block: nn.Module, kwargs: dict) -> Plan:
     return [(block.stochastic_depth, lambda t: block.layer_scale * block.block(t))]
 
 
-# (module, class qualname) -> plan. Each entry states its block's residual structure, checked
-# against the installed package by the tests (eval outputs, and training against drop_path_add).
+# (module, class qualname) -> plan. Each entry states its block's residual structure; the tests
+# check it against the installed package (training steps against the block converted without
+# skipping, eval outputs bit for bit).
 _BLOCKS: dict[tuple[str, str], Spec] = {
     ("timm.models.vision_transformer", "Block"): _chain(
         ("drop_path1", ("norm1", "attn", "ls1")),

@@ -447,6 +447,11 @@ def _block_inputs(model, block_type, x):
     return inputs
 
 
+def _timm_small(name):
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name, img_size=32, num_classes=10, drop_path_rate=0.5)
+
+
 def _timm_module(name):
     return importlib.import_module(f"timm.models.{name}")
 
@@ -465,6 +470,12 @@ BLOCKS = {
     ),
     "timm-ConvNeXtBlock": (lambda: _timm_convnext(0.5), "ConvNeXtBlock", (2, 3, 32, 32)),
     "torchvision-CNBlock": (lambda: _torchvision_convnext(0.5), "CNBlock", (2, 3, 32, 32)),
+    "timm-cait-LayerScaleBlock": (
+        lambda: _timm_small("cait_xxs24_224"),
+        "LayerScaleBlock",
+        (2, 3, 32, 32),
+    ),
+    "timm-convit-Block": (lambda: _timm_small("convit_tiny"), "Block", (2, 3, 32, 32)),
     "torchvision-Swin": (lambda: _tv_swin(False), "SwinTransformerBlock", (2, 3, 32, 32)),
     "torchvision-SwinV2": (lambda: _tv_swin(True), "SwinTransformerBlockV2", (2, 3, 32, 32)),
 }

@@ -135,13 +135,24 @@ def _record(batch: int, kept: int) -> None:
         c.skipped += batch - kept
 
 
-# Decided in eager Python (the host-side draw and the CPU kernel); torch.compile graph-breaks here.
-@torch.compiler.disable(
-    reason="fused_dropout.drop_path_residual decides on the host which samples to keep. Without "
+# torch.compile graph-breaks at the host-side decision: _decide wrapped by torch.compiler.disable,
+# made by the module form and convert(skip_dropped=True) (outside any compiled region, and not
+# at import: it imports torch._dynamo, which takes seconds).
+_NOT_COMPILED = (
+    "fused_dropout.drop_path_residual decides on the host which samples to keep. Without "
     "fullgraph=True the branch is still compiled (mode='subset' keeps static shapes; 'sample' "
     "compiles a dynamic batch); for one graph use drop_path_add (convert(model) without "
     "skip_dropped)."
 )
+_decide_uncompiled: Callable | None = None
+
+
+def _prepare_compile() -> None:
+    global _decide_uncompiled
+    if _decide_uncompiled is None:
+        _decide_uncompiled = torch.compiler.disable(_decide, reason=_NOT_COMPILED)
+
+
 def _decide(
     x: Tensor,
     p: float,
@@ -209,8 +220,9 @@ def drop_path_residual(
       Outside training (or ``p == 0``): ``x + branch(x)``, nothing drawn.
     - ``branch`` must be per-sample (no batch statistics such as BatchNorm's, which then see only
       the kept samples) and return ``x``'s shape.
-    - torch.compile: graph-breaks at the host-side decision (``fullgraph=True`` raises);
-      ``"subset"`` keeps static shapes, ``"sample"`` recompiles once for a dynamic batch size.
+    - torch.compile: graph-breaks at the host-side decision; ``"subset"`` keeps static shapes,
+      ``"sample"`` recompiles once for a dynamic batch size. ``fullgraph=True`` raises, naming
+      ``drop_path_add`` (for a bare functional call compiled first: dynamo's generic message).
       CUDA graph capture raises (use ``drop_path_add``, which captures).
     """
     _impl.check_p(p, "drop probability")
@@ -222,7 +234,12 @@ def drop_path_residual(
         return x + branch(x)
     if x.numel() == 0:
         return x.clone()
-    idx, k, scale = _decide(x, p, mode, scale_by_keep, generator, seed_offset)
+    decide = _decide
+    if torch.compiler.is_compiling():
+        # Prepared: a graph break that names the alternative. Not (a bare functional call
+        # compiled first): the wrapper is made here, itself a graph break.
+        decide = _decide_uncompiled or torch.compiler.disable(_decide, reason=_NOT_COMPILED)
+    idx, k, scale = decide(x, p, mode, scale_by_keep, generator, seed_offset)
     if k == 0:
         return x.clone()
     x_kept = x if idx is None else x.index_select(0, idx)
@@ -249,6 +266,7 @@ class DropPathResidual(nn.Module):
         _impl.check_p(drop_prob, "drop probability")
         if mode not in MODES:
             raise ValueError(f"mode has to be one of {MODES}, but got {mode!r}")
+        _prepare_compile()
         self.branch = branch
         self.drop_prob = drop_prob
         self.mode = mode
@@ -457,6 +475,7 @@ def rewire(model: nn.Module, mode: str = "sample", allow_batchnorm: bool = False
     if mode not in MODES:
         raise ValueError(f"mode has to be one of {MODES}, but got {mode!r}")
     known = _known_blocks()
+    _prepare_compile()
     counts: dict[str, int] = {}
     left: dict[str, list[str]] = {}
     for path, module in model.named_modules():

@@ -195,21 +195,10 @@ def bias_dropout_add(
 
 # FX: calls made through this module (``fused_dropout.functional.dropout(x)``) stay one graph
 # node instead of being traced into (their data-dependent checks cannot be traced). Functions
-# taking a callable cannot be graph nodes: they are not listed.
-for _name in (
-    "alpha_dropout",
-    "bias_dropout_add",
-    "drop_path",
-    "drop_path_add",
-    "dropout",
-    "dropout1d",
-    "dropout2d",
-    "dropout3d",
-    "dropout_add",
-    "feature_alpha_dropout",
-    "stochastic_depth",
-):
-    torch.fx.wrap(_name)
+# taking a callable (drop_path_residual) cannot be graph nodes and are skipped.
+for _name in __all__:
+    if _name != "drop_path_residual":
+        torch.fx.wrap(_name)
 del _name
 
 

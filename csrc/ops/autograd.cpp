@@ -49,6 +49,13 @@ Tensor regenerate(AutogradContext* ctx, const Tensor& grad) {
       ctx->saved_data["scale_by_keep"].toBool(), ctx->saved_data["alpha"].toBool());
 }
 
+// The gradients of a forward with `inputs` arguments: the given ones first, then undefined
+// ones for the non-tensor arguments (p, mask_ndim, the RNG arguments, ...).
+variable_list grads_then_undefined(variable_list grads, size_t inputs) {
+  grads.resize(inputs);
+  return grads;
+}
+
 struct DropoutFunction : torch::autograd::Function<DropoutFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, double p,
                                int64_t mask_ndim, bool scale_by_keep, bool alpha,
@@ -62,14 +69,7 @@ struct DropoutFunction : torch::autograd::Function<DropoutFunction> {
     return {out, pair};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {regenerate(ctx, grads[0]),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor()};
+    return grads_then_undefined({regenerate(ctx, grads[0])}, 8);
   }
 };
 
@@ -91,15 +91,7 @@ struct DropoutInplaceFunction : torch::autograd::Function<DropoutInplaceFunction
     return {input};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {regenerate(ctx, grads[0]),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor()};
+    return grads_then_undefined({regenerate(ctx, grads[0])}, 9);
   }
 };
 
@@ -112,7 +104,7 @@ struct DropoutBackwardFunction : torch::autograd::Function<DropoutBackwardFuncti
     return {call_dropout_backward(grad, pair, p, mask_ndim, scale_by_keep, alpha)};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {regenerate(ctx, grads[0]), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return grads_then_undefined({regenerate(ctx, grads[0])}, 6);
   }
 };
 
@@ -139,8 +131,7 @@ struct DropoutAddFunction : torch::autograd::Function<DropoutAddFunction> {
       grad_bias = grad_input.dim() == 1 ? grad_input.clone() : grad_input.flatten(0, -2).sum(0);
     }
     // The residual's gradient is the incoming gradient itself: no copy.
-    return {grad_input, grad,     grad_bias, Tensor(), Tensor(),
-            Tensor(),   Tensor(), Tensor(),  Tensor()};
+    return grads_then_undefined({grad_input, grad, grad_bias}, 9);
   }
 };
 

@@ -68,6 +68,7 @@ class Kernel:
     tile: int = 0  # elements per thread per loop turn (element-wise kernels; 0: not modelled)
     path_instrs: int = 0  # SASS instructions of one turn of the steady-state vector path
     path_imads: int = 0  # the IMADs among them (any IMAD.* form)
+    path_calls: int = 0  # subroutine calls on it (uncounted instructions: check() rejects them)
 
     @property
     def spill_bytes(self) -> int:
@@ -462,7 +463,6 @@ def kernel_role(name: str) -> str:
     return {
         (False, False): "dropout fwd, every bwd",
         (True, False): "dropout_add fwd",
-        (False, True): "x + bias, masked",
         (True, True): "bias_dropout_add fwd",
     }[(residual, bias)]
 
@@ -472,14 +472,24 @@ def _model_path(k: Kernel, instrs: list[tuple[int, str]]) -> None:
     flags = kernel_flags(k.name)
     if flags is None or not flags[1] or not instrs:
         return
-    dtype, _, residual, _, _ = flags
+    dtype, _, residual, bias, _ = flags
     tile, vectors = TILE[dtype], TILE[dtype] * ITEMSIZE[dtype] // 16
-    path = steady_state_path(
-        instrs, vectors * (2 if residual else 1), vectors, tile // MASK_PER_CALL
-    )
+    # operands moved as 16-byte vectors: x, the residual, and a bias row whose length is a
+    # multiple of the tile (every tile then lies in one row: dropout.cu's bias_tiled)
+    operands = 1 + residual + bias
+    path = steady_state_path(instrs, vectors * operands, vectors, tile // MASK_PER_CALL)
     if path is not None:
         k.tile, k.path_instrs = tile, len(path)
         k.path_imads = sum(opcode(i).startswith("IMAD") for i in path)
+        k.path_calls = count_calls(path)
+
+
+def count_calls(path: list[str]) -> int:
+    """Subroutine calls on a path, but for a predicated one just before the back edge: that
+    is the loop's exit (sm_80 code leaves the loop to its tail through a call)."""
+    calls = [i for i, ins in enumerate(path) if opcode(ins).split(".")[0] == "CALL"]
+    exit_call = len(path) - 2
+    return sum(1 for i in calls if not (i == exit_call and path[i].startswith("@")))
 
 
 def bytes_per_element(k: Kernel) -> int:
@@ -591,11 +601,16 @@ def is_contiguous(k: Kernel) -> bool:
 
 
 def check(kernels: list[Kernel], contiguous=is_contiguous) -> list[str]:
-    """Violations of DESIGN.md s.7: spills anywhere; scalar I/O in a contiguous kernel."""
+    """Violations of DESIGN.md s.7: spills anywhere; scalar I/O in a contiguous kernel; a
+    subroutine call (a 64-bit division, say) in a steady-state loop the model counts."""
     problems = []
     for k in kernels:
         if k.spill_bytes or k.local:
             problems.append(f"{k.arch} {k.name}: {k.spill_bytes} B spilled, {k.local} B local")
+        if k.path_calls:
+            problems.append(
+                f"{k.arch} {k.name}: {k.path_calls} subroutine call(s) on the steady-state path"
+            )
         if contiguous(k) and not (k.ldg128 and k.stg128):
             problems.append(
                 f"{k.arch} {k.name}: no 128-bit LDG/STG (LDG.128 {k.ldg128}, STG.128 {k.stg128})"

@@ -10,6 +10,7 @@ the kernel writes. Compiled and host-executed, not run on a GPU: what the model 
 from __future__ import annotations
 
 import dataclasses
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import cuda_host
@@ -39,19 +40,22 @@ def host() -> cuda_host.HostCuda:
 class Case:
     """One call of a masked op: the op, its operands' shape, dtype and layout, and the pair."""
 
-    op: str  # dropout, dropout_, backward, alpha, alpha_backward, add, bias_add, bias_only
+    op: str  # dropout, dropout_, backward, alpha, alpha_backward, add, bias_add
     dtype: torch.dtype
     shape: tuple[int, ...]
     p: float = 0.5
     mask_ndim: int = -1
-    layout: str = "contiguous"  # or channels_last, transposed, misaligned, residual_misaligned
+    # or channels_last, transposed, misaligned, residual_misaligned, bias_misaligned
+    layout: str = "contiguous"
     seed_offset: tuple[int, int] = SEED_OFFSET
     captured: int | None = None  # graph-captured Philox state with this intragraph offset
+    special: bool = False  # operands sprinkled with NaN, +-Inf, -0, subnormals and overflows
 
     def __str__(self) -> str:
         dims = "x".join(map(str, self.shape))
         dt = str(self.dtype).removeprefix("torch.")
         extra = f"-captured{self.captured}" if self.captured is not None else ""
+        extra += "-special" if self.special else ""
         so = (
             ""
             if self.seed_offset == SEED_OFFSET
@@ -60,9 +64,22 @@ class Case:
         return f"{self.op}-{dt}-{dims}-p{self.p}-k{self.mask_ndim}-{self.layout}{so}{extra}"
 
 
+def _special_values(t: torch.Tensor, seed: int) -> torch.Tensor:
+    """``t`` (contiguous) with every 5th element replaced, in turn, by NaN, +-Inf, -0, a
+    subnormal, and finite values that overflow once scaled or added."""
+    info = torch.finfo(t.dtype)
+    specials = [math.nan, math.inf, -math.inf, -0.0, info.tiny / 4, info.max, -info.max]
+    flat = t.clone().view(-1)
+    where = torch.arange(seed % 5, flat.numel(), 5)
+    flat[where] = torch.tensor(specials, dtype=t.dtype).repeat(len(where) // 7 + 1)[: len(where)]
+    return flat.view(t.shape)
+
+
 def _operand(case: Case, seed: int, layout: str) -> torch.Tensor:
     """Random values of the case's shape in ``layout`` (residual_misaligned: contiguous)."""
     n = int(torch.Size(case.shape).numel())
+    if case.special:
+        return _special_values(randn(case.shape, case.dtype, seed), seed)
     if layout == "misaligned":  # contiguous, not 16-byte aligned: the scalar path
         return randn((n + 1,), case.dtype, seed)[1:].view(case.shape)
     if layout == "channels_last":
@@ -71,6 +88,15 @@ def _operand(case: Case, seed: int, layout: str) -> torch.Tensor:
         dims = range(len(case.shape) - 1, -1, -1)
         return randn(case.shape[::-1], case.dtype, seed).permute(*dims)
     return randn(case.shape, case.dtype, seed)
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str, any_nan: bool) -> None:
+    """Bit for bit; with ``any_nan``, NaNs only at the same places, of any pattern."""
+    if any_nan:
+        nan = got.isnan()
+        assert torch.equal(nan, want.isnan()), f"{what}: NaN at other places"
+        got, want = got.masked_fill(nan, 0), want.masked_fill(nan, 0)
+    assert_bitwise(got, want, what)
 
 
 def run_case(host: cuda_host.HostCuda, case: Case, geometry: cuda_host.Geometry) -> None:
@@ -101,20 +127,22 @@ def run_case(host: cuda_host.HostCuda, case: Case, geometry: cuda_host.Geometry)
         got = host.masked_op(x, p, alpha=alpha, backward=True, pair_in=case.seed_offset, **run)
     else:
         r = _operand(case, 2, "misaligned" if case.layout == "residual_misaligned" else case.layout)
-        b = randn(case.shape[-1:], case.dtype, 3) if case.op != "add" else None
-        if case.op == "bias_only":  # a launcher variant no op reaches: x + b, masked, no residual
-            r = None
-            want = None
-            zero = torch.full(case.shape, -0.0, dtype=case.dtype)  # y + (-0) == y, bit for bit
-            expected = ref.ref_dropout_add(x, zero, b, p, seed, offset, k)
-        else:
-            want, pair_cpu = ops.dropout_add(x, r, b, p, k, seed_offset=case.seed_offset)
-            expected = ref.ref_dropout_add(x, r, b, p, seed, offset, k)
+        b = None
+        if case.op == "bias_add":  # bias_misaligned: a row not 16-byte aligned (element loads)
+            cols = case.shape[-1]
+            b = randn((cols + 1,), case.dtype, 3)[1 if case.layout == "bias_misaligned" else 0 :]
+            b = _special_values(b[:cols], 3) if case.special else b[:cols]
+        want, pair_cpu = ops.dropout_add(x, r, b, p, k, seed_offset=case.seed_offset)
+        expected = ref.ref_dropout_add(x, r, b, p, seed, offset, k)
         got = host.masked_op(x, p, residual=r, bias=b, **run)
 
-    if want is not None:
-        assert_bitwise(got.out, want, f"{what}: host-executed CUDA vs the CPU op")
-    assert_bitwise(got.out, expected, f"{what}: host-executed CUDA vs tests/reference.py")
+    # NaN bits are the hardware's (DESIGN.md s.3 covers values) but for bf16, whose NaN is
+    # 0x7FC0 on every device; tests/reference.py keeps torch's own NaN patterns
+    any_nan = case.special and case.dtype != torch.bfloat16
+    _assert_same(got.out, want, f"{what}: host-executed CUDA vs the CPU op", any_nan)
+    _assert_same(
+        got.out, expected, f"{what}: host-executed CUDA vs tests/reference.py", case.special
+    )
     if case.op in ("backward", "alpha_backward"):
         assert got.pair is None
     else:
@@ -158,8 +186,7 @@ def _cases() -> list[Case]:
         for layout in LAYOUTS:
             for k in (-1, 0, 1, 2):
                 cases.append(Case("dropout", dt, (3, 5, 7, 9), 0.4, k, layout))
-        cases.append(Case("bias_only", dt, (4, 77, 96), 0.3))  # (a bias implies a residual
-        for k in (-1, 1):  # in the launcher's broadcast variants)
+        for k in (-1, 1):
             for op in ("add", "bias_add"):
                 cases.append(Case(op, dt, (4, 77, 96), 0.3, k))
             cases.append(Case("add", dt, (4, 77, 96), 0.3, k, "residual_misaligned"))
@@ -181,6 +208,16 @@ def _cases() -> list[Case]:
         cases.append(Case("dropout", dt, (210, 3, 7), _tie_p(210, 5, True), 1))
         for layout in ("contiguous", "channels_last"):
             cases.append(Case("dropout", dt, (17, 60, 3, 5), _tie_p(1020, 9, True), 2, layout))
+        # a bias row of a tile's multiple (vector loads), of none (element loads, wrapping
+        # inside a tile), and an unaligned one; 1000 columns are 125 fp32 tiles, 62.5 fp16 ones
+        for cols in (1000, 37):
+            cases.append(Case("bias_add", dt, (7, cols), 0.3))
+        cases.append(Case("bias_add", dt, (5, 96), 0.3, layout="bias_misaligned"))
+        # NaN, Inf and overflow through every rounding (bf16: the GPU's NaN made the core's)
+        cases += [
+            Case(op, dt, (1029,), 0.3, special=True) for op in ("dropout", "backward", "alpha")
+        ]
+        cases += [Case(op, dt, (9, 112), 0.3, special=True) for op in ("add", "bias_add")]
         # p = 0 (nothing drawn) and p = 1 (zeros)
         for p in (0.0, 1.0):
             cases += [Case("dropout", dt, (1027,), p), Case("bias_add", dt, (6, 35), p)]
@@ -195,6 +232,7 @@ def _cases() -> list[Case]:
         cases += [Case("add", dt, (7, 13), 0.5, 1, captured=0)]
     # empty tensors still report the pair they were given (issue 8's bug)
     cases += [Case(op, torch.float32, (0,), 0.5) for op in ("dropout", "add", "backward")]
+    cases += [Case("bias_add", torch.float32, (3, 0), 0.5)]  # an empty bias row
     cases += [Case("dropout", torch.float16, (0, 3), 0.5, 1, captured=4)]
     return cases
 
@@ -206,6 +244,13 @@ CASES = _cases()
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kernel_matches_cpu_op_and_reference(host, case, geometry):
     run_case(host, case, geometry)
+
+
+def test_launcher_refuses_a_bias_without_a_residual(host):
+    """No op adds a bias without a residual, so no kernel does: the launcher says so."""
+    x = randn((4, 32), torch.float32, 1)
+    with pytest.raises(cuda_host.KernelError, match=r"cudaError 1\b"):
+        host.masked_op(x, 0.5, bias=randn((32,), torch.float32, 3))
 
 
 # ---------------------------------------------------------------- the model itself
@@ -290,16 +335,34 @@ MUTATIONS = (
         "aligned16(a.input) && aligned16(a.out)",
     ),
     cuda_host.Mutation(
-        "vector store over the tail",
+        "vector loads and stores over the tail",
         KERNEL,
-        "if (vectorized && e0 + N <= numel) {\n    uint4* p",
-        "if (vectorized) {\n    uint4* p",
+        "p.vectorized ? p.numel / N : 0;",
+        "p.vectorized ? tiles : 0;",
     ),
     cuda_host.Mutation(
         "bias column not wrapped",
         KERNEL,
         "col = col + 1 == p.bias_len ? 0 : col + 1;",
         "col = col + 1;",
+    ),
+    cuda_host.Mutation(
+        "bias column stepped past the row",
+        KERNEL,
+        "if (col >= p.bias_len) col -= p.bias_len;",
+        "",
+    ),
+    cuda_host.Mutation(
+        "bias vectors from a row of any length",
+        KERNEL,
+        "a.bias_len % kTile<D> == 0 && aligned16(a.bias)",
+        "aligned16(a.bias)",
+    ),
+    cuda_host.Mutation(
+        "bf16 NaN left as the hardware's",
+        KERNEL,
+        "if (__builtin_expect(nan, 0)) {",
+        "if (false) {",
     ),
     cuda_host.Mutation(
         "tie draw ignored",

@@ -51,18 +51,28 @@ FD_HD uint32_t tie_bits(const PhiloxBlock& b, const KeepRule& r) {
 }
 
 // Whether any of a block's numbers ties: the common case (no tie) decides each
-// element by first_draw_keeps alone.
+// element by first_draw_keeps alone. Two halves per word at once: x = w ^ (Th, Th)
+// has a zero half iff a number ties, and (x - 0x00010001) & ~x sets bit 15 of a
+// half iff that half is zero (a borrow into the high half needs a zero low half).
 FD_HD bool block_has_tie(const PhiloxBlock& b, const KeepRule& r) {
-  bool tie = false;
+  const uint32_t both = r.hi * 0x00010001u;
+  uint32_t zero_halves = 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int j = 0; j < kMaskPerCall; ++j) tie |= block_half(b, j) == r.hi;
-  return tie;
+  for (int q = 0; q < kMaskPerCall / 2; ++q) {
+    const uint32_t x = b.w[q] ^ both;
+    zero_halves |= (x - 0x00010001u) & ~x;
+  }
+  return (zero_halves & 0x80008000u) != 0;
 }
 
-// The first draw's verdict on a number u of a block without a tie.
-FD_HD bool first_draw_keeps(uint32_t u, const KeepRule& r) { return u < r.hi; }
+// The first draw's verdict on element j of a block without a tie: u(j) < Th. A high
+// half is compared in place (u < Th iff w < Th << 16), which saves its shift.
+FD_HD bool first_draw_keeps(const PhiloxBlock& b, int j, const KeepRule& r) {
+  const uint32_t w = b.w[j / 2];
+  return j % 2 == 0 ? (w & 0xFFFFu) < r.hi : w < (r.hi << 16);
+}
 
 // Which of the tied elements `ties` of counter group g are kept: the tie draw's
 // number below Tl. Rare (probability about 8 * 2^-16 per group).
@@ -84,7 +94,7 @@ FD_HD void decide8(const PhiloxBlock& b, const PhiloxStream& s, const KeepRule& 
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int j = 0; j < kMaskPerCall; ++j) keep[j] = first_draw_keeps(block_half(b, j), r);
+  for (int j = 0; j < kMaskPerCall; ++j) keep[j] = first_draw_keeps(b, j, r);
   if (__builtin_expect(block_has_tie(b, r), 0)) {
     const uint32_t won = resolve_ties(s, r, g, tie_bits(b, r));
 #if defined(__CUDA_ARCH__)

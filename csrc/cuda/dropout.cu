@@ -7,6 +7,7 @@
 // two loads per operand are in flight), and whole Philox calls (8 elements each):
 // fp16/bf16 16 elements (one call per vector), fp32 8 (one per two), fp64 8. The
 // mask is a function of the element index alone, so any grid gives the same result.
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <ATen/cuda/PhiloxUtils.cuh>
@@ -19,43 +20,94 @@ namespace {
 
 constexpr int kThreads = 256;
 // Blocks of kThreads each multiprocessor must hold at once (registers permitting): 4,
-// i.e. 1024 threads (at most 64 registers); 3 where 64 would spill (fp64, whose tiles
-// hold twice the data, and the bias loads).
-template <DType D, bool kBias>
-constexpr int kMinBlocks = D == DType::kDouble || kBias ? 3 : 4;
+// i.e. 1024 threads (at most 64 registers); 3 where 64 would spill: fp64 with a bias
+// (its tiles hold twice the data) and the leading-dims mask kernels of fp64 or with a
+// bias (their 64-bit index divisions).
+template <DType D, bool kElementwise, bool kBias>
+constexpr int kMinBlocks =
+    (D == DType::kDouble && (kBias || !kElementwise)) || (kBias && !kElementwise) ? 3 : 4;
 
-// How a dtype is stored and converted on the GPU (raw bits in, compute type out).
+// How a dtype is stored and converted on the GPU, on a tile (Vec, below): load_at(t, j)
+// gives element j in the compute type, store8(y, t, lo) rounds eight results into
+// elements lo .. lo + 7 (the 16-bit types a pair per instruction).
 template <DType D>
 struct DeviceStorage;
-template <>
-struct DeviceStorage<DType::kFloat> {
-  using raw = float;
-  using acc = float;
-  static __device__ __forceinline__ acc load(raw v) { return v; }
-  static __device__ __forceinline__ raw store(acc v) { return v; }
+
+template <typename T>
+struct PlainStorage {  // float and double: stored as computed
+  using raw = T;
+  using acc = T;
+  template <typename Tile>
+  static __device__ __forceinline__ acc load_at(const Tile& t, int j) {
+    return t.e[j];
+  }
+  template <typename Tile>
+  static __device__ __forceinline__ void store8(const acc (&y)[kMaskPerCall], Tile& t, int lo) {
+#pragma unroll
+    for (int j = 0; j < kMaskPerCall; ++j) t.e[lo + j] = y[j];
+  }
 };
 template <>
-struct DeviceStorage<DType::kDouble> {
-  using raw = double;
-  using acc = double;
-  static __device__ __forceinline__ acc load(raw v) { return v; }
-  static __device__ __forceinline__ raw store(acc v) { return v; }
-};
+struct DeviceStorage<DType::kFloat> : PlainStorage<float> {};
+template <>
+struct DeviceStorage<DType::kDouble> : PlainStorage<double> {};
+
+template <typename T>
+__device__ __forceinline__ uint32_t pair_bits(const T& pair) {
+  uint32_t bits;
+  memcpy(&bits, &pair, sizeof(bits));
+  return bits;
+}
+
 template <>
 struct DeviceStorage<DType::kHalf> {
   using raw = unsigned short;
   using acc = float;
-  static __device__ __forceinline__ acc load(raw v) { return __half2float(__ushort_as_half(v)); }
-  static __device__ __forceinline__ raw store(acc v) {
-    return __half_as_ushort(__float2half_rn(v));
+  template <typename Tile>
+  static __device__ __forceinline__ acc load_at(const Tile& t, int j) {
+    return __half2float(__ushort_as_half(t.e[j]));
+  }
+  template <typename Tile>
+  static __device__ __forceinline__ void store8(const acc (&y)[kMaskPerCall], Tile& t, int lo) {
+#pragma unroll
+    for (int j = 0; j < kMaskPerCall; j += 2) {
+      t.w[(lo + j) / 2] = pair_bits(__floats2half2_rn(y[j], y[j + 1]));
+    }
   }
 };
 template <>
-struct DeviceStorage<DType::kBFloat16> {  // the core's conversion: bit-identical to the CPU
+struct DeviceStorage<DType::kBFloat16> {
   using raw = unsigned short;
   using acc = float;
-  static __device__ __forceinline__ acc load(raw v) { return bf16_bits_to_float(v); }
-  static __device__ __forceinline__ raw store(acc v) { return float_to_bf16_bits(v); }
+  // The core's bf16_bits_to_float, from the element's 32-bit word: a high half is not
+  // extracted first, only its low bits cleared.
+  template <typename Tile>
+  static __device__ __forceinline__ acc load_at(const Tile& t, int j) {
+    const uint32_t w = t.w[j / 2];
+    return __uint_as_float(j % 2 == 0 ? w << 16 : w & 0xFFFF0000u);
+  }
+  // The hardware's round to nearest even (a pair per instruction) equals the core's
+  // float_to_bf16_bits but for NaN, whose pattern the hardware chooses: a NaN
+  // (rare: one test per pair) becomes the core's 0x7FC0, so the CPU and GPU agree.
+  template <typename Tile>
+  static __device__ __forceinline__ void store8(const acc (&y)[kMaskPerCall], Tile& t, int lo) {
+    uint32_t* words = t.w + lo / 2;
+    bool nan = false;
+#pragma unroll
+    for (int j = 0; j < kMaskPerCall; j += 2) {
+      words[j / 2] = pair_bits(__floats2bfloat162_rn(y[j], y[j + 1]));
+      nan |= y[j] != y[j] || y[j + 1] != y[j + 1];
+    }
+    if (__builtin_expect(nan, 0)) {
+#pragma unroll
+      for (int j = 0; j < kMaskPerCall; ++j) {
+        if (y[j] != y[j]) {
+          const int shift = 16 * (j % 2);
+          words[j / 2] = (words[j / 2] & ~(0xFFFFu << shift)) | (0x7FC0u << shift);
+        }
+      }
+    }
+  }
 };
 
 template <DType D>
@@ -72,6 +124,7 @@ struct Params {
   KeepRule rule;
   bool keep_all;
   bool vectorized;  // every streamed pointer is 16-byte aligned
+  bool bias_tiled;  // every tile's bias lies in one row, 16-byte aligned
   at::PhiloxCudaState philox;
   const int64_t* pair_in;
   int64_t* pair_out;
@@ -85,26 +138,29 @@ constexpr int kTile =
 template <typename raw, int N>
 union Vec {
   uint4 v[N * sizeof(raw) / sizeof(uint4)];
+  uint32_t w[N * sizeof(raw) / sizeof(uint32_t)];
   raw e[N];
 };
 
+// A tile of N elements from e0: 16-byte vectors (vector: the tile is whole and
+// aligned), else element by element up to numel.
 template <typename raw, int N>
-__device__ __forceinline__ void load_tile(const raw* src, int64_t e0, int64_t numel,
-                                          bool vectorized, Vec<raw, N>& dst) {
-  if (vectorized && e0 + N <= numel) {
+__device__ __forceinline__ void load_tile(const raw* src, int64_t e0, int64_t numel, bool vector,
+                                          Vec<raw, N>& dst) {
+  if (vector) {
     const uint4* p = reinterpret_cast<const uint4*>(src + e0);
 #pragma unroll
     for (int q = 0; q < int(sizeof(dst.v) / sizeof(uint4)); ++q) dst.v[q] = p[q];
   } else {
 #pragma unroll
-    for (int j = 0; j < N; ++j) dst.e[j] = e0 + j < numel ? src[e0 + j] : dst.e[j];
+    for (int j = 0; j < N; ++j) dst.e[j] = e0 + j < numel ? src[e0 + j] : raw(0);
   }
 }
 
 template <typename raw, int N>
-__device__ __forceinline__ void store_tile(raw* dst, int64_t e0, int64_t numel, bool vectorized,
+__device__ __forceinline__ void store_tile(raw* dst, int64_t e0, int64_t numel, bool vector,
                                            const Vec<raw, N>& src) {
-  if (vectorized && e0 + N <= numel) {
+  if (vector) {
     uint4* p = reinterpret_cast<uint4*>(dst + e0);
 #pragma unroll
     for (int q = 0; q < int(sizeof(src.v) / sizeof(uint4)); ++q) p[q] = src.v[q];
@@ -112,6 +168,26 @@ __device__ __forceinline__ void store_tile(raw* dst, int64_t e0, int64_t numel, 
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       if (e0 + j < numel) dst[e0 + j] = src.e[j];
+    }
+  }
+}
+
+// The bias of the N elements from column col on, col advanced past them: one row's
+// vectors when the elements lie in one aligned row (bias_tiled), else element by
+// element, wrapping at the row's end.
+template <DType D, int N>
+__device__ __forceinline__ void load_bias(const Params<D>& p, int64_t& col,
+                                          Vec<typename DeviceStorage<D>::raw, N>& dst) {
+  if (p.bias_tiled) {
+    const uint4* src = reinterpret_cast<const uint4*>(p.bias + col);
+#pragma unroll
+    for (int q = 0; q < int(sizeof(dst.v) / sizeof(uint4)); ++q) dst.v[q] = __ldg(src + q);
+    col += N;
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      dst.e[j] = __ldg(p.bias + col);
+      col = col + 1 == p.bias_len ? 0 : col + 1;
     }
   }
 }
@@ -146,10 +222,67 @@ __device__ __forceinline__ uint32_t keep_broadcast(const PhiloxStream& stream, c
   return bits;
 }
 
+// One tile t of N elements, moved as vectors or element by element (the tail, or an
+// unaligned operand); col is the bias column of its first element.
 template <DType D, bool kElementwise, bool kResidual, bool kBias, bool kShift>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<D, kBias>) masked_kernel(const Params<D> p) {
+__device__ __forceinline__ void masked_tile(const Params<D>& p, const PhiloxStream& stream,
+                                            int64_t t, int64_t col, bool vector) {
   using S = DeviceStorage<D>;
   using raw = typename S::raw;
+  using acc = typename S::acc;
+  constexpr int N = kTile<D>;
+  const int64_t e0 = t * N;
+  Vec<raw, N> x, residual, out;
+  load_tile(p.x, e0, p.numel, vector, x);
+  if constexpr (kResidual) load_tile(p.residual, e0, p.numel, vector, residual);
+
+  // y for the elements [lo, lo + 8) of the tile, keep_of(j) giving element j's flag;
+  // called for lo = 0, 8, ... in turn (the bias column follows).
+  const auto apply = [&](int lo, auto keep_of) {
+    acc y[kMaskPerCall];
+    Vec<raw, kMaskPerCall> bias;
+    if constexpr (kBias) load_bias<D, kMaskPerCall>(p, col, bias);
+#pragma unroll
+    for (int j = 0; j < kMaskPerCall; ++j) {
+      auto v = S::load_at(x, lo + j);
+      if constexpr (kBias) v = add_rn(v, S::load_at(bias, j));
+      y[j] = masked_value<kShift>(keep_of(j), v, p.consts);
+      if constexpr (kResidual) y[j] = add_rn(y[j], S::load_at(residual, lo + j));
+    }
+    S::store8(y, out, lo);
+  };
+
+  if (p.keep_all) {  // p == 0: every element kept, nothing drawn
+#pragma unroll
+    for (int lo = 0; lo < N; lo += kMaskPerCall) apply(lo, [](int) { return true; });
+  } else if constexpr (kElementwise) {
+    // One Philox call per 8 elements, one after the other (which bounds the
+    // registers). Without a tie (all but about 8 * 2^-16 of the calls) the first
+    // draw decides every element, straight from its number.
+#pragma unroll
+    for (int lo = 0; lo < N; lo += kMaskPerCall) {
+      const uint64_t g = static_cast<uint64_t>((e0 + lo) / kMaskPerCall);
+      const PhiloxBlock b = stream.group(g);
+      if (__builtin_expect(!block_has_tie(b, p.rule), 1)) {
+        apply(lo, [&](int j) { return first_draw_keeps(b, j, p.rule); });
+      } else {  // the whole rule, recomputed: sharing nothing keeps it off the common path
+        const uint32_t bits = keep_bits8(stream, p.rule, g);
+        apply(lo, [&](int j) { return ((bits >> j) & 1u) != 0; });
+      }
+    }
+  } else {  // a mask over leading dims: the tile's keep bits, walked once
+    const uint32_t bits = keep_broadcast<N>(stream, p.rule, p.map, e0);
+#pragma unroll
+    for (int lo = 0; lo < N; lo += kMaskPerCall) {
+      apply(lo, [&](int j) { return ((bits >> (lo + j)) & 1u) != 0; });
+    }
+  }
+  store_tile(p.out, e0, p.numel, vector, out);
+}
+
+template <DType D, bool kElementwise, bool kResidual, bool kBias, bool kShift>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<D, kElementwise, kBias>)
+    masked_kernel(const Params<D> p) {
   constexpr int N = kTile<D>;
 
   uint64_t seed, offset;
@@ -168,54 +301,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<D, kBias>) masked_kernel(
   const PhiloxStream stream = PhiloxStream::make(seed, offset);
 
   const int64_t tiles = (p.numel + N - 1) / N;
+  // Tiles that every operand holds whole and 16-byte aligned: moved as vectors.
+  const int64_t vector_tiles = p.vectorized ? p.numel / N : 0;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < tiles;
-       t += step) {
-    const int64_t e0 = t * N;
-    Vec<raw, N> x, residual, out;
-    load_tile(p.x, e0, p.numel, p.vectorized, x);
-    if constexpr (kResidual) load_tile(p.residual, e0, p.numel, p.vectorized, residual);
-
-    // y for the elements [lo, lo + n) of the tile, keep_of(j) giving element j's flag.
-    int64_t col = kBias ? e0 % p.bias_len : 0;  // the bias column, advanced by apply
-    const auto apply = [&](int lo, int n, auto keep_of) {
-#pragma unroll
-      for (int j = lo; j < lo + n; ++j) {
-        auto v = S::load(x.e[j]);
-        if constexpr (kBias) {
-          v = add_rn(v, S::load(__ldg(p.bias + col)));
-          col = col + 1 == p.bias_len ? 0 : col + 1;
-        }
-        auto y = masked_value<kShift>(keep_of(j), v, p.consts);
-        if constexpr (kResidual) y = add_rn(y, S::load(residual.e[j]));
-        out.e[j] = S::store(y);
-      }
-    };
-
-    if (p.keep_all) {  // p == 0: every element kept, nothing drawn
-      apply(0, N, [](int) { return true; });
-    } else if constexpr (kElementwise) {
-      // One Philox call per 8 elements, one after the other (which bounds the
-      // registers). Without a tie (all but about 8 * 2^-16 of the calls) the first
-      // draw decides every element, straight from its number.
-#pragma unroll
-      for (int q = 0; q < N / kMaskPerCall; ++q) {
-        const uint64_t g = static_cast<uint64_t>(e0 / kMaskPerCall + q);
-        const PhiloxBlock b = stream.group(g);
-        const int lo = kMaskPerCall * q;
-        if (__builtin_expect(!block_has_tie(b, p.rule), 1)) {
-          apply(lo, kMaskPerCall,
-                [&](int j) { return first_draw_keeps(block_half(b, j - lo), p.rule); });
-        } else {  // the whole rule, recomputed: sharing nothing keeps it off the common path
-          const uint32_t bits = keep_bits8(stream, p.rule, g);
-          apply(lo, kMaskPerCall, [&](int j) { return ((bits >> (j - lo)) & 1u) != 0; });
-        }
-      }
-    } else {
-      const uint32_t bits = keep_broadcast<N>(stream, p.rule, p.map, e0);
-      apply(0, N, [&](int j) { return ((bits >> j) & 1u) != 0; });
+  int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // The bias column of tile t, advanced with t (one division per thread, not per tile;
+  // none for a thread without a tile, whose row may be empty).
+  int64_t col = 0, col_step = 0;
+  if (kBias && t < tiles) {
+    col = t * N % p.bias_len;
+    col_step = step * N % p.bias_len;
+  }
+  const auto advance = [&] {
+    t += step;
+    if constexpr (kBias) {
+      col += col_step;
+      if (col >= p.bias_len) col -= p.bias_len;
     }
-    store_tile(p.out, e0, p.numel, p.vectorized, out);
+  };
+  for (; t < tiles; advance()) {
+    masked_tile<D, kElementwise, kResidual, kBias, kShift>(p, stream, t, col, t < vector_tiles);
   }
 }
 
@@ -281,11 +386,13 @@ cudaError_t launch_typed(const MaskedOpArgs& a, at::PhiloxCudaState philox, cons
               KeepRule::make(a.affine.threshold),
               a.affine.keep_all,
               aligned16(a.input) && aligned16(a.residual) && aligned16(a.out),
+              a.bias_len % kTile<D> == 0 && aligned16(a.bias),
               philox,
               pair_in,
               pair_out};
   // Alpha dropout (the only op with a shift) has neither residual nor bias; a
-  // bias comes only with a residual (dropout_add).
+  // bias comes only with a residual (dropout_add): no kernel adds it without one.
+  if (a.bias != nullptr && a.residual == nullptr) return cudaErrorInvalidValue;
   const bool residual = a.residual != nullptr;
   if (!a.map.elementwise()) {
     if (a.affine.has_shift) {
@@ -300,8 +407,7 @@ cudaError_t launch_typed(const MaskedOpArgs& a, at::PhiloxCudaState philox, cons
   } else if (a.affine.has_shift) {
     launch_variant<D, true, false, false, true>(p, stream);
   } else if (a.bias != nullptr) {
-    residual ? launch_variant<D, true, true, true, false>(p, stream)
-             : launch_variant<D, true, false, true, false>(p, stream);
+    launch_variant<D, true, true, true, false>(p, stream);
   } else {
     residual ? launch_variant<D, true, true, false, false>(p, stream)
              : launch_variant<D, true, false, false, false>(p, stream);

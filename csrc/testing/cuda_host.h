@@ -22,6 +22,7 @@
 #endif
 
 // NVIDIA's headers first, in their host form (before __CUDA_ARCH__ exists).
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <setjmp.h>

@@ -283,13 +283,15 @@ template <typename scalar_t>
 constexpr bool kBlockKernel =
     std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
 
-// bias, when kBias, is the batch's slice of the bias (the batch is inside one row).
-template <bool kResidual, bool kBias, typename raw>
+// The first kCount elements of a block (a multiple of 64); bias, when kBias, is the
+// block's slice of the bias (the block is inside one row).
+template <bool kResidual, bool kBias, int64_t kCount = kBlock, typename raw>
 void apply_block(const raw* x, const raw* residual, const raw* bias, raw* out, const KeepBits& bits,
                  float scale) {
+  static_assert(kCount % 64 == 0 && kCount <= kBlock);
   const FVec s = splat(scale);
   constexpr int kPerWord = 64 / kVecLanes;
-  for (int q = 0; q < kBlock / kVecLanes; ++q) {
+  for (int q = 0; q < kCount / kVecLanes; ++q) {
     const int e = kVecLanes * q;
     FVec v = load_vec(x + e);
     if constexpr (kBias) v = add_vec(v, load_vec(bias + e));
@@ -401,12 +403,12 @@ void run_broadcast(const Operands<scalar_t>& o, const MaskedOpArgs& a, const Lan
         const uint8_t* flag = &keep[outer * map.stride];
 #ifdef FD_CPU_BLOCK_KERNEL
         if constexpr (kBlockKernel<scalar_t> && !kShift && !kBias) {
-          // The whole run shares one flag: full blocks as masked multiplies.
+          // The whole run shares one flag: full batches as masked multiplies.
           KeepBits bits;
           for (auto& w : bits.w) w = *flag ? ~uint64_t(0) : 0;
-          for (; len >= kBlock; len -= kBlock, i += kBlock) {
-            apply_block<kResidual, false>(o.x + i, kResidual ? o.residual + i : nullptr, o.bias,
-                                          o.out + i, bits, o.consts.scale);
+          for (; len >= kBatch; len -= kBatch, i += kBatch) {
+            apply_block<kResidual, false, kBatch>(o.x + i, kResidual ? o.residual + i : nullptr,
+                                                  o.bias, o.out + i, bits, o.consts.scale);
           }
         }
 #endif

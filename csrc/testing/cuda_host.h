@@ -9,7 +9,8 @@
 //   window of blocks to run alone (for tensors too large to process whole).
 // - A launch checks CUDA's limits on its configuration and leaves the error for
 //   cudaGetLastError(), as a real launch does.
-// - The fp16 conversions are NVIDIA's own host code (cuda_fp16.h), bit-exact with the GPU's;
+// - The fp16 and bf16 conversions are NVIDIA's own host code (cuda_fp16.h, cuda_bf16.h), bit-exact
+//   with the GPU's for every value (a NaN's pattern aside: the kernels fix bf16's);
 //   at::cuda::philox::unpack is torch's (ATen/cuda/PhiloxUtils.cuh), plain and graph-captured.
 // - __CUDA_ARCH__ is defined, so csrc/core takes its device branches.
 //

@@ -57,6 +57,32 @@ def test_dropout_cpu_and_cuda_bit_identical(dtype, numel, p):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values_bit_identical_and_bf16_nan_is_0x7fc0(dtype):
+    """NaN, +-Inf, -0, subnormals and overflows: the same bits as the CPU (NaN patterns are
+    the hardware's, but bf16's, which the kernels make the CPU's 0x7FC0)."""
+    info = torch.finfo(dtype)
+    specials = [float("nan"), float("inf"), -float("inf"), -0.0, info.tiny / 4, info.max]
+    x = torch.randn(4099, dtype=torch.float64).to(dtype)
+    x[::5] = torch.tensor(specials, dtype=dtype).repeat(len(x[::5]) // len(specials) + 1)[
+        : len(x[::5])
+    ]
+    r = torch.randn_like(x)
+    b = x[:97].clone()
+    for op in (
+        lambda t, rr, bb: ops.dropout(t, 0.3, seed_offset=SEED_OFFSET)[0],
+        lambda t, rr, bb: ops.dropout_add(t, rr, None, 0.3, seed_offset=SEED_OFFSET)[0],
+        lambda t, rr, bb: ops.dropout_add(
+            t.view(-1, 97)[:42], rr.view(-1, 97)[:42], bb, 0.3, seed_offset=SEED_OFFSET
+        )[0],
+    ):
+        want = op(x[:4074], r[:4074], b)
+        got = op(x[:4074].cuda(), r[:4074].cuda(), b.cuda())
+        assert_same_bits(got, want)
+        if dtype == torch.bfloat16:
+            assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "misaligned"])
 @pytest.mark.parametrize("mask_ndim", [-1, 0, 1, 2])
 def test_layouts_and_broadcast_masks_bit_identical(dtype, layout, mask_ndim):

@@ -344,6 +344,7 @@ class _HostOp(ctypes.Structure):
         ("launches", ctypes.c_int),
         ("grid", ctypes.c_uint * 3),
         ("block", ctypes.c_uint * 3),
+        ("resident_blocks", ctypes.c_int),
     ]
 
 
@@ -354,6 +355,7 @@ class Result:
     launches: int
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
+    resident_blocks: int  # the occupancy the model gives the kernel launched (per kernel)
 
 
 def _kernel_order(x: torch.Tensor, k: int, has_bias: bool, same_strides: bool):
@@ -384,6 +386,14 @@ class HostCuda:
         self.path = lib
         self._lib = ctypes.CDLL(str(lib))
         self._lib.fdh_masked_op.argtypes = (ctypes.POINTER(_HostOp), ctypes.c_char_p, ctypes.c_int)
+
+    def fresh(self, where: Path) -> HostCuda:
+        """Another instance of this build (a copy of the library under ``where``), whose
+        launchers have cached nothing yet (SM counts, occupancies): a first launch there
+        sees the geometry it is given."""
+        copy = Path(where) / f"fresh-{self.path.name}"
+        shutil.copyfile(self.path, copy)
+        return HostCuda(copy)
 
     def masked_op(
         self,
@@ -472,7 +482,7 @@ class HostCuda:
         if "pair_out" in buffers:
             raw = buffers["pair_out"].read()
             pair = (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
-        return Result(out, pair, op.launches, tuple(op.grid), tuple(op.block))
+        return Result(out, pair, op.launches, tuple(op.grid), tuple(op.block), op.resident_blocks)
 
     def _call(self, op: _HostOp, buffers: dict[str, Guarded]) -> None:
         """Run ``op``; raise if the kernel faulted, broke a CUDA rule or wrote out of bounds."""

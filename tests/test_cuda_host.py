@@ -253,6 +253,41 @@ def test_launcher_refuses_a_bias_without_a_residual(host):
         host.masked_op(x, 0.5, bias=randn((32,), torch.float32, 3))
 
 
+def assert_grids_fill_the_device(build: cuda_host.HostCuda, tmp_path) -> None:
+    """Every variant runs in turn on a tensor larger than the grid, whose size must be the
+    SM count times the blocks of *that* kernel resident per SM. The model gives each kernel
+    its own occupancy (as registers do on a GPU), so a cache shared by the variants of a
+    dtype (issue 18: the first one launched fixed the others' grids) shows as a wrong grid.
+    A fresh instance of the build, so the launcher's SM count is this one-SM device's."""
+    host = build.fresh(tmp_path)
+    device = cuda_host.Geometry("one_sm", sm_count=1)
+    for dtype in DTYPES:
+        x, r = randn((8, 4096), dtype, 1), randn((8, 4096), dtype, 2)
+        b = randn((4096,), dtype, 3)
+        occupancies = set()
+        for k in (-1, 1):
+            for op in ("dropout", "alpha", "add", "bias_add"):
+                got = host.masked_op(
+                    x,
+                    0.5,
+                    geometry=device,
+                    mask_ndim=k,
+                    alpha=op == "alpha",
+                    residual=r if op in ("add", "bias_add") else None,
+                    bias=b if op == "bias_add" else None,
+                )
+                assert got.grid[0] == device.sm_count * got.resident_blocks, (
+                    f"{op} {dtype} mask_ndim={k}: a grid of {got.grid[0]} blocks for a kernel "
+                    f"of which {got.resident_blocks} fit per SM"
+                )
+                occupancies.add(got.resident_blocks)
+        assert len(occupancies) > 1, "the model gave every variant one occupancy: no test"
+
+
+def test_each_variant_sizes_its_grid_by_its_own_occupancy(host, tmp_path):
+    assert_grids_fill_the_device(host, tmp_path)
+
+
 # ---------------------------------------------------------------- the model itself
 
 
@@ -371,6 +406,12 @@ MUTATIONS = (
         "if (true) {",
     ),
     cuda_host.Mutation(
+        "grid of every variant sized by the dropout kernel's occupancy",
+        KERNEL,
+        "resident_blocks<kernel>()",
+        "resident_blocks<masked_kernel<D, true, false, false, false>>()",
+    ),
+    cuda_host.Mutation(
         "pair_in ignored",
         KERNEL,
         "if (p.pair_in != nullptr) {",
@@ -390,7 +431,7 @@ def mutants(host) -> dict[str, cuda_host.HostCuda]:
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: m.name.replace(" ", "_"))
-def test_injected_bug_is_caught(mutants, mutation):
+def test_injected_bug_is_caught(mutants, mutation, tmp_path):
     mutant = mutants[mutation.name]
     for case in SMALL_CASES:
         for geometry in cuda_host.GEOMETRIES:
@@ -399,6 +440,11 @@ def test_injected_bug_is_caught(mutants, mutation):
             except AssertionError as caught:  # includes KernelError and OutOfBounds
                 print(f"{mutation.name}: caught by {case} on {geometry.name}: {caught}")
                 return
+    try:
+        assert_grids_fill_the_device(mutant, tmp_path)
+    except AssertionError as caught:
+        print(f"{mutation.name}: caught by the grid sizes: {caught}")
+        return
     pytest.fail(f"injected bug {mutation.name!r} passed every case")
 
 

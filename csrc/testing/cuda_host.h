@@ -47,14 +47,14 @@ struct HostConfig {
   // index) of each launch; the others are skipped, as if another GPU ran them.
   int64_t first_block = 0, block_count = 0;
   int max_threads = 1024;
-  int resident_blocks = 8;  // cudaOccupancyMaxActiveBlocksPerMultiprocessor's answer
 };
 
 // What the last launches did, for the tests to check.
 struct LaunchLog {
   int launches = 0;
   dim3 grid, block;
-  std::string error;  // a broken CUDA rule (divergent barrier, bad shuffle mask), or ""
+  int resident_blocks = 0;  // the occupancy the model gives the last kernel launched
+  std::string error;        // a broken CUDA rule (divergent barrier, bad shuffle mask), or ""
 };
 
 inline HostConfig& host_config() {
@@ -64,6 +64,18 @@ inline HostConfig& host_config() {
 inline LaunchLog& launch_log() {
   static LaunchLog l;
   return l;
+}
+
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor's answer for a kernel. On a GPU it follows
+// each kernel's registers and __launch_bounds__, so variants of one op differ; the model gives
+// the kernels it meets 2, 3, ..., 8, 2, ... blocks in turn (kept for the process, as a GPU's
+// answer is), so a launcher that sizes one kernel's grid by another's answer is caught.
+inline int resident_blocks_of(const void* kernel) {
+  static std::vector<const void*> seen;
+  const auto found = std::find(seen.begin(), seen.end(), kernel);
+  const size_t index = found - seen.begin();
+  if (found == seen.end()) seen.push_back(kernel);
+  return 2 + static_cast<int>(index % 7);
 }
 
 namespace detail {
@@ -245,6 +257,7 @@ auto launch(void (*kernel)(Params...), LaunchConfig config) {
     ++log.launches;
     log.grid = grid;
     log.block = config.block;
+    log.resident_blocks = resident_blocks_of(reinterpret_cast<const void*>(kernel));
     // Each thread calls the kernel with its own copy of the arguments (the same values).
     auto call = [&]() { kernel(args...); };
     Block& b = block();
@@ -290,8 +303,8 @@ inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
   }
 }
 template <typename Kernel>
-inline cudaError_t occupancy_max_active_blocks(int* blocks, Kernel, int, size_t) {
-  *blocks = host_config().resident_blocks;
+inline cudaError_t occupancy_max_active_blocks(int* blocks, Kernel kernel, int, size_t) {
+  *blocks = resident_blocks_of(reinterpret_cast<const void*>(kernel));
   return cudaSuccess;
 }
 inline cudaError_t get_last_error() {

@@ -32,6 +32,7 @@ struct HostOp {
   int64_t first_block, block_count;
   int launches;
   unsigned grid[3], block[3];
+  int resident_blocks;  // the model's occupancy for the kernel launched
 };
 
 int report(const std::string& error, char* buffer, int size) {
@@ -74,6 +75,7 @@ extern "C" __attribute__((visibility("default"))) int fdh_masked_op(HostOp* op, 
   op->launches = log.launches;
   op->grid[0] = log.grid.x, op->grid[1] = log.grid.y, op->grid[2] = log.grid.z;
   op->block[0] = log.block.x, op->block[1] = log.block.y, op->block[2] = log.block.z;
+  op->resident_blocks = log.resident_blocks;
   if (error_text.empty()) error_text = log.error;
   if (error_text.empty() && status != cudaSuccess) {
     error_text = "masked_op_cuda returned cudaError " + std::to_string(static_cast<int>(status));

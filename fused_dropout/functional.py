@@ -27,6 +27,8 @@ __all__ = [
     "dropout2d",
     "dropout3d",
     "dropout_add",
+    "dropout_add_layer_norm",
+    "dropout_add_rms_norm",
     "feature_alpha_dropout",
     "stochastic_depth",
 ]
@@ -191,6 +193,84 @@ def bias_dropout_add(
     """``residual + dropout(input + bias)`` in one pass (Megatron's), bias over the last dim."""
     seed, offset = ops.split_seed_offset(seed_offset)
     return _impl.dropout_add(input, residual, bias, p, training, seed, offset, generator)
+
+
+def dropout_add_layer_norm(
+    input: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    p: float,
+    training: bool = True,
+    eps: float = 1e-5,
+    *,
+    input_bias: Tensor | None = None,
+    per_sample: bool = False,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+    generator: Generator = None,
+    seed_offset: SeedOffset = None,
+):
+    """``layer_norm(h) * weight + bias`` of ``h = residual + dropout(input + input_bias)``
+    (``drop_path``'s per-sample mask with ``per_sample``) in one pass; ``(y, h)`` with
+    ``prenorm``. ``h`` is bitwise our ``dropout_add``; ``residual_in_fp32`` keeps it in fp32."""
+    seed, offset = ops.split_seed_offset(seed_offset)
+    y, h = _impl.dropout_add_norm(
+        input,
+        residual,
+        weight,
+        bias,
+        input_bias,
+        p,
+        training,
+        eps,
+        False,
+        per_sample,
+        prenorm,
+        residual_in_fp32,
+        seed,
+        offset,
+        generator,
+    )
+    return (y, h) if prenorm else y
+
+
+def dropout_add_rms_norm(
+    input: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    p: float,
+    training: bool = True,
+    eps: float | None = None,
+    *,
+    input_bias: Tensor | None = None,
+    per_sample: bool = False,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+    generator: Generator = None,
+    seed_offset: SeedOffset = None,
+):
+    """``rms_norm(h) * weight`` of ``h = residual + dropout(input + input_bias)`` in one pass,
+    as :func:`dropout_add_layer_norm`; ``eps=None`` is ``torch.finfo(h.dtype).eps``."""
+    seed, offset = ops.split_seed_offset(seed_offset)
+    y, h = _impl.dropout_add_norm(
+        input,
+        residual,
+        weight,
+        None,
+        input_bias,
+        p,
+        training,
+        eps,
+        True,
+        per_sample,
+        prenorm,
+        residual_in_fp32,
+        seed,
+        offset,
+        generator,
+    )
+    return (y, h) if prenorm else y
 
 
 # FX: calls made through this module (``fused_dropout.functional.dropout(x)``) stay one graph

@@ -308,28 +308,23 @@ def dropout_add_norm(
     (``rms``: RMSNorm) over the last dim, times ``weight``, plus ``bias``. ``h`` is meaningful
     only with ``prenorm`` (else the op may leave it unwritten)."""
     check_p(p)
-    if input.dim() == 0:
-        raise RuntimeError("dropout_add_norm: expected an input with at least one dimension")
-    mask_ndim = 1 if per_sample else -1
-    wide = residual_in_fp32 and input.dtype != torch.float64
-    x = input.float() if wide else input
-    if residual is None:  # adding -0 is the identity for every value, -0 included
-        r = torch.full_like(x, -0.0)
-    else:
-        r = residual.float() if wide else residual
-    b = None if input_bias is None else (input_bias.float() if wide else input_bias)
-    h = masked_add(x, r, b, p, training, mask_ndim, True, seed, offset, generator)
-    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
-    hc = h.to(compute)
-    w = None if weight is None else weight.to(compute)
-    shape = [input.shape[-1]]
-    if rms:
-        e = torch.finfo(h.dtype).eps if eps is None else eps
-        y = torch.nn.functional.rms_norm(hc, shape, w, e)
-        if bias is not None:
-            y = y + bias.to(compute)
-    else:
-        e = 1e-5 if eps is None else eps
-        bc = None if bias is None else bias.to(compute)
-        y = torch.nn.functional.layer_norm(hc, shape, w, bc, e)
-    return y.to(input.dtype), h
+    if eps is None:  # torch's RMSNorm: the eps of the normalized tensor's dtype (h's)
+        wide = residual_in_fp32 and input.dtype in (torch.float16, torch.bfloat16)
+        eps = torch.finfo(torch.float32 if wide else input.dtype).eps
+    y, h, _, _, _ = torch.ops.fused_dropout.dropout_add_norm(
+        input,
+        residual,
+        weight,
+        bias,
+        input_bias,
+        p if training else 0.0,
+        eps,
+        rms,
+        per_sample,
+        residual_in_fp32,
+        prenorm,
+        seed,
+        offset,
+        generator,
+    )
+    return y, h

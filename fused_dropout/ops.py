@@ -6,12 +6,21 @@ device; backward regenerates the mask from that pair alone.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 from torch import Tensor
 
-__all__ = ["dropout", "dropout_", "dropout_add", "dropout_backward", "split_seed_offset"]
+__all__ = [
+    "dropout",
+    "dropout_",
+    "dropout_add",
+    "dropout_add_norm",
+    "dropout_add_norm_backward",
+    "dropout_backward",
+    "split_seed_offset",
+]
 
 _UINT64 = 1 << 64
 
@@ -96,6 +105,77 @@ def dropout_add(
     seed, offset = split_seed_offset(seed_offset)
     return torch.ops.fused_dropout.dropout_add(
         input, residual, bias, p, mask_ndim, scale_by_keep, seed, offset, generator
+    )
+
+
+def dropout_add_norm(
+    input: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    input_bias: Tensor | None,
+    p: float,
+    eps: float,
+    rms: bool = False,
+    per_sample: bool = False,
+    residual_in_fp32: bool = False,
+    keep_h: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+    seed_offset: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, h, mean, rstd, pair)`` of ``norm(residual + dropout(input + input_bias))``."""
+    seed, offset = split_seed_offset(seed_offset)
+    return torch.ops.fused_dropout.dropout_add_norm(
+        input,
+        residual,
+        weight,
+        bias,
+        input_bias,
+        p,
+        eps,
+        rms,
+        per_sample,
+        residual_in_fp32,
+        keep_h,
+        seed,
+        offset,
+        generator,
+    )
+
+
+def dropout_add_norm_backward(
+    grad_y: Tensor,
+    grad_h: Tensor | None,
+    h: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    seed_offset: Tensor,
+    p: float,
+    rms: bool = False,
+    per_sample: bool = False,
+    want_grad_h: bool = True,
+    want_grad_weight: bool = True,
+    want_grad_bias: bool = True,
+    want_grad_input_bias: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`dropout_add_norm`: input, h, and the column sums (compute type)."""
+    return torch.ops.fused_dropout.dropout_add_norm_backward(
+        grad_y,
+        grad_h,
+        h,
+        weight,
+        mean,
+        rstd,
+        seed_offset,
+        p,
+        rms,
+        per_sample,
+        want_grad_h,
+        want_grad_weight,
+        want_grad_bias,
+        want_grad_input_bias,
     )
 
 
@@ -186,3 +266,133 @@ def _dropout_add_fake(input, residual, bias, p, mask_ndim, scale_by_keep, seed, 
         )
         same_device_and_dtype("bias", bias)
     return torch.empty_like(input), _fake_pair(input)
+
+
+def _wide_h(input: Tensor, residual_in_fp32: bool) -> bool:
+    return residual_in_fp32 and input.dtype in (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_row_vector(input, v, name, fp32_ok, where):
+    """csrc/ops/checks.cpp's check_row_vector."""
+    torch._check(
+        v.dim() == 1 and input.dim() >= 1 and v.shape[0] == input.shape[-1],
+        lambda: (
+            f"{where}: {name} must be 1-D with input.size(-1) = {input.shape[-1]} elements, "
+            f"got shape {list(v.shape)}"
+        ),
+    )
+    torch._check(
+        v.device == input.device,
+        lambda: f"{where}: {name} is on {v.device} but input is on {input.device}",
+    )
+    extra = " (it may be float32 or the input's dtype)" if fp32_ok else ""
+    torch._check_type(
+        v.dtype == input.dtype or (fp32_ok and v.dtype == torch.float32),
+        lambda: f"{where}: {name} has dtype {v.dtype} but input has dtype {input.dtype}{extra}",
+    )
+
+
+@torch.library.register_fake("fused_dropout::dropout_add_norm")
+def _dropout_add_norm_fake(
+    input,
+    residual,
+    weight,
+    bias,
+    input_bias,
+    p,
+    eps,
+    rms,
+    per_sample,
+    residual_in_fp32,
+    keep_h,
+    seed,
+    offset,
+    generator,
+):
+    _check_like_kernel(input, p, -1, seed, offset, "dropout_add_norm")
+    where = "fused_dropout.dropout_add_norm"
+    torch._check(
+        input.dim() >= 1,
+        lambda: f"{where}: input must have at least one dimension (the normalized one)",
+    )
+    wide = _wide_h(input, residual_in_fp32)
+    if residual is not None:
+        torch._check(
+            residual.device == input.device,
+            lambda: f"{where}: residual is on {residual.device} but input is on {input.device}",
+        )
+        extra = " (with residual_in_fp32 it may also be float32)" if residual_in_fp32 else ""
+        torch._check_type(
+            residual.dtype == input.dtype or (residual_in_fp32 and residual.dtype == torch.float32),
+            lambda: (
+                f"{where}: residual has dtype {residual.dtype} but input has dtype "
+                f"{input.dtype}{extra}"
+            ),
+        )
+        torch._check(
+            residual.shape == input.shape,
+            lambda: (
+                f"{where}: residual has shape {list(residual.shape)} but input has shape "
+                f"{list(input.shape)}"
+            ),
+        )
+    if weight is not None:
+        _check_row_vector(input, weight, "weight", True, where)
+    if bias is not None:
+        _check_row_vector(input, bias, "bias", True, where)
+        torch._check_type(
+            weight is None or bias.dtype == weight.dtype,
+            lambda: f"{where}: bias has dtype {bias.dtype} but weight has dtype {weight.dtype}",
+        )
+    if input_bias is not None:
+        _check_row_vector(input, input_bias, "input_bias", False, where)
+    rows = input.numel() // input.shape[-1] if input.shape[-1] else math.prod(input.shape[:-1])
+    acc = _compute_dtype(input)
+    h_dtype = torch.float32 if wide else input.dtype
+    h = input.new_empty(input.shape if keep_h else (0,), dtype=h_dtype)
+    mean = input.new_empty((0 if rms else rows,), dtype=acc)
+    rstd = input.new_empty((rows,), dtype=acc)
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format),
+        h,
+        mean,
+        rstd,
+        _fake_pair(input),
+    )
+
+
+@torch.library.register_fake("fused_dropout::dropout_add_norm_backward")
+def _dropout_add_norm_backward_fake(
+    grad_y,
+    grad_h,
+    h,
+    weight,
+    mean,
+    rstd,
+    seed_offset,
+    p,
+    rms,
+    per_sample,
+    want_grad_h,
+    want_grad_weight,
+    want_grad_bias,
+    want_grad_input_bias,
+):
+    _check_like_kernel(grad_y, p, -1, None, None, "dropout_add_norm_backward")
+    cols = grad_y.shape[-1]
+    acc = _compute_dtype(grad_y)
+
+    def column(want):
+        return grad_y.new_empty((cols if want else 0,), dtype=acc)
+
+    return (
+        torch.empty_like(grad_y, memory_format=torch.contiguous_format),
+        h.new_empty(h.shape if want_grad_h else (0,)),
+        column(want_grad_weight),
+        column(want_grad_bias),
+        column(want_grad_input_bias),
+    )

@@ -39,6 +39,9 @@ __all__ = [
     "ref_dropout_add",
     "ref_dropout_at",
     "ref_dropout_backward",
+    "ref_norm",
+    "ref_norm_backward",
+    "row_sum",
     "seed_to_int64",
     "seed_to_uint64",
     "threshold",
@@ -340,3 +343,178 @@ def ref_dropout_add(
         d = torch.where(mask, v * _scale(p, scale_by_keep, cdt), zero)
     y = d + r.to(cdt)
     return y.to(x.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------- the fused norms
+#
+# The reduction contract (written from issue 18's text, independently of csrc/core/norm.h):
+#   * row sum S(v) of n values: element i goes to accumulator (g, t, j) with c = i // 8,
+#     t = c % 32, s = c // 32, g = s % G, j = i % 8, G = clamp(next_pow2(ceil(n / 2048)), 1, 8);
+#     each accumulator starts at +0 and adds its elements in increasing i; then per (g, t)
+#     ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)), then over t a halving tree
+#     (t + 16, t + 8, ..., t + 1), then over g the same (g + G/2, ..., g + 1);
+#   * column sums: blocks of 16 rows, each block's partial from +0 adding its rows in order,
+#     the total from +0 adding the partials in block order;
+#   * every add, multiply, division and square root rounded on its own in the compute type.
+# Padding with +0 is harmless: an accumulator that starts at +0 is never -0, and x + 0 == x
+# for every other x (NaN and Inf included).
+
+ROW_BLOCK = 16
+
+
+def norm_groups(n: int) -> int:
+    g = 1
+    while g < 8 and g * 2048 < n:
+        g *= 2
+    return g
+
+
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    """The halving tree over the last dim (a power of two): x[k] + x[k + half], repeatedly."""
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
+def row_sum(v: torch.Tensor) -> torch.Tensor:
+    """S(v) of every row of ``v`` (rows, n), in v's dtype, in the contract's order."""
+    rows, n = v.shape
+    groups = norm_groups(n)
+    stripes = -(-n // 256)
+    padded = torch.zeros((rows, stripes * 256), dtype=v.dtype)
+    padded[:, :n] = v
+    acc = torch.zeros((rows, groups, 256), dtype=v.dtype)
+    for s in range(stripes):
+        acc[:, s % groups] = acc[:, s % groups] + padded[:, 256 * s : 256 * (s + 1)]
+    a = acc.view(rows, groups, 32, 8)
+    lane = ((a[..., 0] + a[..., 4]) + (a[..., 2] + a[..., 6])) + (
+        (a[..., 1] + a[..., 5]) + (a[..., 3] + a[..., 7])
+    )
+    return _halve(_halve(lane))  # over t, then over g
+
+
+def column_sum(v: torch.Tensor) -> torch.Tensor:
+    """The column sums of ``v`` (rows, cols): blocks of 16 rows, then the blocks in order."""
+    rows, cols = v.shape
+    blocks = -(-rows // ROW_BLOCK)
+    padded = torch.zeros((blocks * ROW_BLOCK, cols), dtype=v.dtype)
+    padded[:rows] = v
+    padded = padded.view(blocks, ROW_BLOCK, cols)
+    partial = torch.zeros((blocks, cols), dtype=v.dtype)
+    for i in range(ROW_BLOCK):
+        partial = partial + padded[:, i]
+    total = torch.zeros((cols,), dtype=v.dtype)
+    for b in range(blocks):
+        total = total + partial[b]
+    return total
+
+
+def _divide(a: torch.Tensor, b) -> torch.Tensor:
+    """a / b, IEEE-rounded (numpy: torch's CPU division by a scalar multiplies by its
+    reciprocal, which can differ in the last bit)."""
+    b = b.numpy() if isinstance(b, torch.Tensor) else np.asarray(b, dtype=a.numpy().dtype)
+    return torch.from_numpy(np.divide(a.numpy(), b))
+
+
+def _rstd(mean_square: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean_square + eps), each step IEEE-rounded in mean_square's dtype."""
+    e = torch.tensor(eps, dtype=torch.float64).to(mean_square.dtype)
+    root = torch.from_numpy(np.sqrt((mean_square + e).numpy()))
+    return _divide(torch.ones_like(root), root)
+
+
+def _h_dtype(dtype: torch.dtype, residual_in_fp32: bool) -> torch.dtype:
+    return torch.float32 if residual_in_fp32 and dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def ref_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    input_bias: torch.Tensor | None,
+    p: float,
+    seed: int,
+    offset: int,
+    eps: float,
+    rms: bool = False,
+    per_sample: bool = False,
+    residual_in_fp32: bool = False,
+):
+    """``(y, h, mean, rstd)`` of the fused dropout + add + norm (mean None for RMSNorm).
+
+    ``h = residual + dropout(x + input_bias)`` as :func:`ref_dropout_add` (no residual: adding
+    -0, the identity), rounded to ``x.dtype`` (fp32 with ``residual_in_fp32`` for 16-bit
+    dtypes); then from h as stored, per row in the compute type: mean = S(h) / n,
+    var = S((h - mean)^2) / n (RMSNorm: S(h^2) / n), rstd = 1 / sqrt(var + eps), and
+    ``y = ((h - mean) * rstd) * weight + bias`` rounded once to ``x.dtype``."""
+    x = x.detach().cpu()
+    hdt = _h_dtype(x.dtype, residual_in_fp32)
+    cdt = compute_dtype(x.dtype)
+    r = torch.full(x.shape, -0.0, dtype=hdt) if residual is None else residual.detach().cpu()
+    ib = None if input_bias is None else input_bias.detach().cpu().to(hdt)
+    h = ref_dropout_add(x.to(hdt), r.to(hdt), ib, p, seed, offset, 1 if per_sample else -1)
+    n = x.shape[-1]
+    hv = h.to(cdt).reshape(-1, n)
+    mean = None
+    dev = hv
+    if not rms:
+        mean = _divide(row_sum(hv), n)
+        dev = hv - mean[:, None]
+    rstd = _rstd(_divide(row_sum(dev * dev), n), eps)
+    y = dev * rstd[:, None]
+    if weight is not None:
+        y = y * weight.detach().cpu().to(cdt)
+    if bias is not None:
+        y = y + bias.detach().cpu().to(cdt)
+    return y.to(x.dtype).reshape(x.shape), h, mean, rstd
+
+
+def ref_norm_backward(
+    dy: torch.Tensor,
+    dh_in: torch.Tensor | None,
+    h: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    p: float,
+    seed: int,
+    offset: int,
+    rms: bool = False,
+    per_sample: bool = False,
+):
+    """``(grad_input, grad_h, grad_weight, grad_bias, grad_input_bias)`` of :func:`ref_norm`.
+
+    Per row in the compute type, with xhat = (h - mean) * rstd (RMSNorm: h * rstd) and
+    g = dy * weight: c1 = S(g * xhat) / n, c2 = S(g) / n, dh = (g - (xhat * c1 + c2)) * rstd
+    (RMSNorm: (g - xhat * c1) * rstd), plus dh_in; grad_h = dh rounded to h's dtype;
+    grad_input = dropout of dh (the forward's mask and scale) rounded to dy's dtype. Column
+    sums in the compute type: dy * xhat, dy, and grad_input as stored."""
+    dy, h = dy.detach().cpu(), h.detach().cpu()
+    cdt = compute_dtype(dy.dtype)
+    n = dy.shape[-1]
+    hv = h.to(cdt).reshape(-1, n)
+    dev = hv if rms else hv - mean.to(cdt)[:, None]
+    xhat = dev * rstd.to(cdt)[:, None]
+    dyv = dy.to(cdt).reshape(-1, n)
+    g = dyv if weight is None else dyv * weight.detach().cpu().to(cdt)
+    c1 = _divide(row_sum(g * xhat), n)
+    t = xhat * c1[:, None]
+    if not rms:
+        t = t + _divide(row_sum(g), n)[:, None]
+    dh = (g - t) * rstd.to(cdt)[:, None]
+    if dh_in is not None:
+        dh = dh + dh_in.detach().cpu().to(cdt).reshape(-1, n)
+    grad_h = dh.to(h.dtype).reshape(dy.shape)
+    keep = _mask_for(dy, seed, offset, p, 1 if per_sample else -1).expand(dy.shape)
+    keep = keep.reshape(-1, n)
+    grad_input = torch.where(keep, dh * _scale(p, True, cdt), torch.zeros((), dtype=cdt))
+    grad_input = grad_input.to(dy.dtype)
+    return (
+        grad_input.reshape(dy.shape),
+        grad_h,
+        column_sum(dyv * xhat),
+        column_sum(dyv),
+        column_sum(grad_input.to(cdt)),
+    )

@@ -336,3 +336,138 @@ def test_torch_compile_fullgraph_matches_eager():
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     assert_bitwise(compiled(x, r), layer(x, r), "compiled")
+
+
+# ----------------------------------------------------------------------- the contract, bitwise
+
+
+def _op_case(
+    shape,
+    dtype,
+    *,
+    rms=False,
+    p=0.3,
+    per_sample=False,
+    residual_in_fp32=False,
+    residual=True,
+    weight=True,
+    bias=True,
+    input_bias=True,
+    wdt=None,
+    seed_offset=SEED_OFFSET,
+    special=False,
+):
+    """One forward and backward call of the op, checked bit for bit against tests/reference.py."""
+    x, r, w, b, ib = _operands(
+        shape, dtype, residual=residual, weight=weight, bias=bias, input_bias=input_bias, wdt=wdt
+    )
+    if rms:
+        b = None
+    if special:  # NaN, Inf and -0 in the input (a NaN row stays NaN; others are untouched)
+        x.view(-1)[:: max(1, x.numel() // 7)] = torch.tensor(float("nan"), dtype=dtype)
+        x.view(-1)[1 :: max(1, x.numel() // 5)] = -0.0
+    if residual_in_fp32 and r is not None:
+        r = r.float()
+    eps = 1e-5 if not rms else torch.finfo(dtype).eps
+    seed, offset = seed_offset
+    y, h, mean, rstd, pair = torch.ops.fused_dropout.dropout_add_norm(
+        x,
+        r,
+        w,
+        b,
+        ib,
+        p,
+        eps,
+        rms,
+        per_sample,
+        residual_in_fp32,
+        True,
+        ref.seed_to_int64(seed),
+        offset,
+        None,
+    )
+    want = ref.ref_norm(x, r, w, b, ib, p, seed, offset, eps, rms, per_sample, residual_in_fp32)
+    what = f"{list(shape)} {dtype} rms={rms} per_sample={per_sample}"
+
+    def same(got, expected, name):  # NaN patterns are the hardware's (tests/reference.py: torch's)
+        if special:
+            nan = got.isnan()
+            assert torch.equal(nan, expected.isnan()), f"{name} of {what}: NaN elsewhere"
+            got, expected = got.masked_fill(nan, 0), expected.masked_fill(nan, 0)
+        assert_bitwise(got, expected, f"{name} of {what}")
+
+    same(h, want[1], "h")
+    same(rstd, want[3], "rstd")
+    if not rms:
+        same(mean, want[2], "mean")
+    same(y, want[0], "y")
+    dy = randn(shape, dtype, 11)
+    dh_in = randn(shape, h.dtype, 12)
+    grads = torch.ops.fused_dropout.dropout_add_norm_backward(
+        dy, dh_in, h, w, mean, rstd, pair, p, rms, per_sample, True, True, True, True
+    )
+    wants = ref.ref_norm_backward(dy, dh_in, h, w, want[2], rstd, p, seed, offset, rms, per_sample)
+    for name, got, expected in zip(
+        ("grad_input", "grad_h", "grad_weight", "grad_bias", "grad_input_bias"), grads, wants
+    ):
+        same(got, expected, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_bitwise_against_reference(dtype, rms):
+    _op_case((3, 5, 96), dtype, rms=rms)
+    _op_case((37, 20), dtype, rms=rms, per_sample=True, wdt=torch.float32)
+
+
+@pytest.mark.parametrize("cols", [1, 7, 8, 255, 256, 257, 768, 1000, 2048, 2049, 4096, 9000])
+def test_bitwise_row_lengths(cols):
+    """Every stripe/group boundary of the row sums: G = 1, 2, 4, 8 (9000 > 4 x 2048)."""
+    _op_case((3, cols), torch.float32)
+    _op_case((2, cols), torch.bfloat16, rms=True, residual_in_fp32=True)
+
+
+@pytest.mark.slow
+def test_bitwise_65536():
+    _op_case((2, 65536), torch.float32)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 15, 16, 17, 33])
+def test_bitwise_row_counts(rows):
+    """The column sums' blocks of 16 rows: fewer, exactly one, one more."""
+    _op_case((rows, 24), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(residual=False),
+        dict(weight=False),
+        dict(weight=False, bias=False, input_bias=False),
+        dict(p=0.0),
+        dict(p=1.0),
+        dict(residual_in_fp32=True),
+        dict(special=True),
+        dict(seed_offset=(2**64 - 1, 2**62)),
+    ],
+    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()),
+)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_bitwise_options(variant, dtype):
+    _op_case((4, 6, 40), dtype, **variant)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("keep_h", [False, True], ids=["y", "y_and_h"])
+def test_opcheck(rms, keep_h):
+    x, r, w, b, ib = _operands((3, 4, 24), torch.float32, input_bias=True)
+    for t in (x, r, w, b, ib):
+        t.requires_grad_()
+    args = (x, r, w, None if rms else b, ib, 0.3, 1e-5, rms, False, False, keep_h, 7, 8, None)
+    torch.library.opcheck(torch.ops.fused_dropout.dropout_add_norm.default, args)
+    y, h, mean, rstd, pair = torch.ops.fused_dropout.dropout_add_norm(*args[:10], True, 7, 8, None)
+    backward = (randn(x.shape, x.dtype, 3), randn(x.shape, x.dtype, 4), h.detach(), w.detach())
+    torch.library.opcheck(
+        torch.ops.fused_dropout.dropout_add_norm_backward.default,
+        (*backward, mean, rstd, pair, 0.3, rms, False, True, True, not rms, True),
+    )

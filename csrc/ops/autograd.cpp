@@ -135,6 +135,81 @@ struct DropoutAddFunction : torch::autograd::Function<DropoutAddFunction> {
   }
 };
 
+// The fused dropout + add + norm. Saves h, the rows' mean and rstd, the weight and the pair;
+// no mask. Backward gives every input's gradient in one pass (and the column sums).
+struct DropoutAddNormFunction : torch::autograd::Function<DropoutAddNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input,
+                               const optional<Tensor>& residual, const optional<Tensor>& weight,
+                               const optional<Tensor>& bias, const optional<Tensor>& input_bias,
+                               double p, double eps, bool rms, bool per_sample,
+                               bool residual_in_fp32, bool keep_h, optional<int64_t> seed,
+                               optional<int64_t> offset, optional<at::Generator> generator) {
+    const auto wants = [](const optional<Tensor>& t) { return t && t->requires_grad(); };
+    const bool any_grad = input.requires_grad() || wants(residual) || wants(weight) ||
+                          wants(bias) || wants(input_bias);
+    Tensor y, h, mean, rstd, pair;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      static auto op =
+          op_handle<decltype(dropout_add_norm_kernel)>("fused_dropout::dropout_add_norm");
+      std::tie(y, h, mean, rstd, pair) =
+          op.call(input, residual, weight, bias, input_bias, p, eps, rms, per_sample,
+                  residual_in_fp32, keep_h || any_grad, seed, offset, generator);
+    }
+    ctx->save_for_backward({h, weight.value_or(Tensor()), mean, rstd, pair});
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["rms"] = rms;
+    ctx->saved_data["per_sample"] = per_sample;
+    ctx->saved_data["grad_residual"] = wants(residual);
+    ctx->saved_data["grad_weight"] = wants(weight);
+    ctx->saved_data["grad_bias"] = wants(bias);
+    ctx->saved_data["grad_input_bias"] = wants(input_bias);
+    // The dtypes the gradients are returned in.
+    const auto dtype_of = [](const optional<Tensor>& t) {
+      return static_cast<int64_t>(t ? t->scalar_type() : at::ScalarType::Undefined);
+    };
+    ctx->saved_data["residual_dtype"] = dtype_of(residual);
+    ctx->saved_data["weight_dtype"] = dtype_of(weight);
+    ctx->saved_data["bias_dtype"] = dtype_of(bias);
+    ctx->mark_non_differentiable({mean, rstd, pair});
+    // h goes out only if asked for (the op's contract); it was written for backward anyway.
+    return {y, keep_h ? h : at::empty({0}, h.options()), mean, rstd, pair};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fused_dropout.dropout_add_norm: double backward (create_graph=True) is not "
+                "supported");
+    const Tensor &h = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3],
+                 &pair = saved[4];
+    // (Undefined gradients come materialized as zeros.) An h that went out (prenorm) brings
+    // its own gradient.
+    const optional<Tensor> grad_h = grads[1].defined() && grads[1].sizes() == h.sizes()
+                                        ? optional<Tensor>(grads[1])
+                                        : std::nullopt;
+    const auto flag = [&](const char* name) { return ctx->saved_data[name].toBool(); };
+    static auto op = op_handle<decltype(dropout_add_norm_backward_kernel)>(
+        "fused_dropout::dropout_add_norm_backward");
+    auto [grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias] = op.call(
+        grads[0], grad_h, h, weight.defined() ? optional<Tensor>(weight) : std::nullopt, mean, rstd,
+        pair, ctx->saved_data["p"].toDouble(), flag("rms"), flag("per_sample"),
+        flag("grad_residual"), flag("grad_weight"), flag("grad_bias"), flag("grad_input_bias"));
+    // Returned in each input's dtype (the column sums come in the compute type).
+    const auto as = [&](Tensor t, const char* dtype, bool wanted) {
+      if (!wanted) return Tensor();
+      const auto type = static_cast<at::ScalarType>(ctx->saved_data[dtype].toInt());
+      return t.scalar_type() == type ? t : t.to(type);
+    };
+    return grads_then_undefined(
+        {grad_input, as(grad_residual, "residual_dtype", flag("grad_residual")),
+         as(grad_weight, "weight_dtype", flag("grad_weight")),
+         as(grad_bias, "bias_dtype", flag("grad_bias")),
+         flag("grad_input_bias") ? grad_input_bias.to(grad_input.scalar_type()) : Tensor()},
+        14);
+  }
+};
+
 std::tuple<Tensor, Tensor> dropout_autograd(const Tensor& input, double p, int64_t mask_ndim,
                                             bool scale_by_keep, bool alpha, optional<int64_t> seed,
                                             optional<int64_t> offset,
@@ -176,6 +251,17 @@ std::tuple<Tensor, Tensor> dropout_add_autograd(const Tensor& input, const Tenso
   return {out[0], out[1]};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_norm_autograd(
+    const Tensor& input, const optional<Tensor>& residual, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& input_bias, double p, double eps,
+    bool rms, bool per_sample, bool residual_in_fp32, bool keep_h, optional<int64_t> seed,
+    optional<int64_t> offset, optional<at::Generator> generator) {
+  auto out =
+      DropoutAddNormFunction::apply(input, residual, weight, bias, input_bias, p, eps, rms,
+                                    per_sample, residual_in_fp32, keep_h, seed, offset, generator);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_dropout, Autograd, m) {
@@ -183,6 +269,7 @@ TORCH_LIBRARY_IMPL(fused_dropout, Autograd, m) {
   m.impl("dropout_", dropout_inplace_autograd);
   m.impl("dropout_backward", dropout_backward_autograd);
   m.impl("dropout_add", dropout_add_autograd);
+  m.impl("dropout_add_norm", dropout_add_norm_autograd);
 }
 
 }  // namespace fused_dropout

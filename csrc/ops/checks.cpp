@@ -134,6 +134,19 @@ void check_bias(const at::Tensor& input, const at::Tensor& bias, const char* op)
                    input.scalar_type());
 }
 
+void check_row_vector(const at::Tensor& input, const at::Tensor& v, const char* name, bool fp32_ok,
+                      const char* op) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == input.size(-1), "fused_dropout.", op, ": ", name,
+              " must be 1-D with input.size(-1) = ", input.size(-1), " elements, got shape ",
+              v.sizes());
+  TORCH_CHECK(v.device() == input.device(), "fused_dropout.", op, ": ", name, " is on ", v.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK_TYPE(
+      v.scalar_type() == input.scalar_type() || (fp32_ok && v.scalar_type() == at::kFloat),
+      "fused_dropout.", op, ": ", name, " has dtype ", v.scalar_type(), " but input has dtype ",
+      input.scalar_type(), fp32_ok ? " (it may be float32 or the input's dtype)" : "");
+}
+
 int64_t check_op(const at::Tensor& input, double p, int64_t mask_ndim, const RngSource& rng,
                  const char* op) {
   check_p(p);

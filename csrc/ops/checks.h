@@ -20,6 +20,11 @@ void check_bias(const at::Tensor& input, const at::Tensor& bias, const char* op)
 // An in-place input must not have two elements at one address (torch's message, and more cases).
 void check_inplace(const at::Tensor& input, const char* op);
 
+// The [cols] vector `name` of a fused norm (weight, bias, input_bias): 1-D, as long as the
+// input's last dim, on its device, in the input's dtype (or fp32 where fp32_ok).
+void check_row_vector(const at::Tensor& input, const at::Tensor& v, const char* name, bool fp32_ok,
+                      const char* op);
+
 // p, dtype, device, the RNG source and mask_ndim; returns the mask's number of leading dims.
 int64_t check_op(const at::Tensor& input, double p, int64_t mask_ndim, const RngSource& rng,
                  const char* op);

@@ -63,6 +63,8 @@ TORCH_LIBRARY_IMPL(fused_dropout, CPU, m) {
   m.impl("dropout_", dropout_inplace_kernel);
   m.impl("dropout_backward", dropout_backward_kernel);
   m.impl("dropout_add", dropout_add_kernel);
+  m.impl("dropout_add_norm", dropout_add_norm_kernel);
+  m.impl("dropout_add_norm_backward", dropout_add_norm_backward_kernel);
 }
 
 namespace {
@@ -89,11 +91,12 @@ void not_dense(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 }  // namespace
 
-#define FUSED_DROPOUT_NOT_DENSE(key)                                                    \
-  TORCH_LIBRARY_IMPL(fused_dropout, key, m) {                                           \
-    for (const char* op : {"dropout", "dropout_", "dropout_backward", "dropout_add"}) { \
-      m.impl(op, torch::CppFunction::makeFromBoxedFunction<&not_dense>());              \
-    }                                                                                   \
+#define FUSED_DROPOUT_NOT_DENSE(key)                                                 \
+  TORCH_LIBRARY_IMPL(fused_dropout, key, m) {                                        \
+    for (const char* op : {"dropout", "dropout_", "dropout_backward", "dropout_add", \
+                           "dropout_add_norm", "dropout_add_norm_backward"}) {       \
+      m.impl(op, torch::CppFunction::makeFromBoxedFunction<&not_dense>());           \
+    }                                                                                \
   }
 FUSED_DROPOUT_NOT_DENSE(SparseCPU)
 FUSED_DROPOUT_NOT_DENSE(SparseCUDA)
@@ -109,6 +112,8 @@ TORCH_LIBRARY_IMPL(fused_dropout, CUDA, m) {
   m.impl("dropout_", dropout_inplace_kernel);
   m.impl("dropout_backward", dropout_backward_kernel);
   m.impl("dropout_add", dropout_add_kernel);
+  m.impl("dropout_add_norm", dropout_add_norm_kernel);
+  m.impl("dropout_add_norm_backward", dropout_add_norm_backward_kernel);
 }
 
 }  // namespace fused_dropout

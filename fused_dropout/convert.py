@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import sys
+import importlib
 import warnings
 
 import torch
 from torch import nn
 
+from fused_dropout import _layers, blocks
+from fused_dropout import modules as fused_modules
+
 __all__ = ["convert"]
-
-# Where timm and torchvision define (or re-export) the classes we replace. They are looked up
-# in ``sys.modules`` only: if a model holds such a layer, its package is already imported, and
-# ``convert`` never imports timm or torchvision itself.
-_EXTERNAL = {
-    "DropPath": (
-        "timm.layers",
-        "timm.layers.drop",
-        "timm.models.layers",
-        "timm.models.layers.drop",
-    ),
-    "StochasticDepth": ("torchvision.ops", "torchvision.ops.stochastic_depth"),
-}
-
-# fused module name -> the attributes its constructor takes, read from the replaced module.
-_PARAMS = {
-    "Dropout": ("p", "inplace"),
-    "Dropout1d": ("p", "inplace"),
-    "Dropout2d": ("p", "inplace"),
-    "Dropout3d": ("p", "inplace"),
-    "AlphaDropout": ("p", "inplace"),
-    "FeatureAlphaDropout": ("p", "inplace"),
-    "DropPath": ("drop_prob", "scale_by_keep"),
-    "StochasticDepth": ("p", "mode"),
-}
-
-
-def _replaceable() -> dict[type, str]:
-    """Exact class -> name of the fused module replacing it (the same name)."""
-    table: dict[type, str] = {getattr(nn, name): name for name in _PARAMS if name not in _EXTERNAL}
-    for name, module_names in _EXTERNAL.items():
-        for module_name in module_names:
-            cls = getattr(sys.modules.get(module_name), name, None)
-            if isinstance(cls, type) and issubclass(cls, nn.Module):
-                table[cls] = name
-    return table
-
 
 # The swapped-in class for each external one: ours made a subclass of theirs too. Each is
 # an attribute of this module (created on first use, see __getattr__), so models holding
@@ -61,8 +27,6 @@ def _fused_class(name: str, replaced_cls: type) -> type:
     cannot subclass theirs; the modules ``convert`` puts into a model do, so that
     ``isinstance(m, timm.layers.DropPath)`` still holds there.
     """
-    from fused_dropout import modules as fused_modules
-
     if name not in _mixed:
         _mixed[name] = type(
             name,  # repr unchanged
@@ -76,9 +40,8 @@ def __getattr__(attr: str) -> type:
     """``TimmDropPath`` / ``TorchvisionStochasticDepth``, for unpickling (imports the package)."""
     for name, mixed_name in _MIXED_NAMES.items():
         if attr == mixed_name:
-            import importlib
-
-            return _fused_class(name, getattr(importlib.import_module(_EXTERNAL[name][0]), name))
+            module = importlib.import_module(_layers.EXTERNAL[name][0])
+            return _fused_class(name, getattr(module, name))
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
@@ -122,7 +85,7 @@ def convert(
             ``fused_dropout.functional_mode.detach(model)``.
         skip_dropped: also rewire the residual blocks it knows (timm's ViT ``Block``,
             ``ConvNeXtBlock``, torchvision's ``CNBlock``, ...; see
-            :func:`fused_dropout.skip.rewire`) so that in training each branch runs only on
+            :func:`fused_dropout.blocks.rewire`) so that in training each branch runs only on
             the samples its drop-path layer keeps (``skip_mode``: ``"sample"``, timm's
             semantics, or ``"subset"``, DINOv2's fixed-size subset). Blocks whose branch holds
             a BatchNorm are left unless ``allow_batchnorm`` (its statistics would then come
@@ -153,11 +116,9 @@ def convert(
         model, counts = fused_dropout.convert(model)
         print(counts)  # {'Dropout': 25, 'DropPath': 12}
     """
-    from fused_dropout import modules as fused_modules
-
-    table = _replaceable()
+    table = _layers.replaceable()
     known = tuple(table)
-    fused = tuple(getattr(fused_modules, name) for name in _PARAMS)
+    fused = tuple(getattr(fused_modules, name) for name in _layers.PARAMS)
 
     counts: dict[str, int] = {}
     skipped: dict[type, list[str]] = {}
@@ -180,8 +141,9 @@ def convert(
                     counts[key] = counts.get(key, 0) + 1
                 skipped.setdefault(cls, []).append(path or "<model>")
             return None
-        fused_cls = _fused_class(name, cls) if name in _EXTERNAL else getattr(fused_modules, name)
-        new = fused_cls(**{attr: getattr(old, attr) for attr in _PARAMS[name]})
+        external = name in _layers.EXTERNAL
+        fused_cls = _fused_class(name, cls) if external else getattr(fused_modules, name)
+        new = fused_cls(**{attr: getattr(old, attr) for attr in _layers.PARAMS[name]})
         # Same training flag, hooks and any other attribute set on the old module.
         new.__dict__.update(old.__dict__)
         replaced[id(old)] = new
@@ -207,9 +169,7 @@ def convert(
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("fused_dropout.convert: TorchScript modules cannot be converted")
     if skip_dropped:
-        from fused_dropout import skip
-
-        counts.update(skip.rewire(model, skip_mode, allow_batchnorm))
+        counts.update(blocks.rewire(model, skip_mode=skip_mode, allow_batchnorm=allow_batchnorm))
     root = new_module(model, "")
     if root is not None:
         model = root

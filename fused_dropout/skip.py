@@ -5,25 +5,21 @@ only on the samples it keeps. The per-sample decisions are those of the RNG cont
 the CPU by the library's own kernel before the branch runs: a mask is a pure function of
 ``(seed, offset, p, batch size)``, so no device sync is needed, and a change of the contract
 carries over here unchanged. ``convert(model, skip_dropped=True)`` rewires the residual blocks it
-knows (see :func:`rewire`) to call it.
+knows (see ``fused_dropout.blocks``) to call it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import sys
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fused_dropout import _impl, ops
 
-__all__ = ["DropPathResidual", "count_skipped", "drop_path_residual", "kept_samples", "rewire"]
+__all__ = ["DropPathResidual", "count_skipped", "drop_path_residual", "kept_samples"]
 
 Branch = Callable[[Tensor], Tensor]
 MODES = ("sample", "subset")
@@ -280,231 +276,3 @@ class DropPathResidual(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={round(self.drop_prob, 3):0.3f}, mode={self.mode!r}"
-
-
-# ---------------------------------------------------------------- rewiring known blocks
-
-# A block's training forward as residuals: for each, the drop-path layer that decides it and the
-# branch. None: run the block's own forward (arguments we cannot split per sample).
-Plan = list[tuple[nn.Module, Branch]] | None
-Spec = Callable[[nn.Module, dict], Plan]
-
-
-def _chain(*residuals: tuple[str, tuple[str, ...]], kwargs_to: str = "") -> Spec:
-    """The plan of a block whose forward is ``x = x + drop(f_n(...f_1(x)))`` per residual, each
-    ``f`` a submodule (called) or a parameter (multiplied). The block's keyword arguments go to
-    the submodule ``kwargs_to``; a per-sample ``attn_mask`` falls back to the block's forward."""
-
-    def plan(block: nn.Module, kwargs: dict) -> Plan:
-        if kwargs.get("attn_mask") is not None or (kwargs and not kwargs_to):
-            return None
-
-        def branch(names: tuple[str, ...]) -> Branch:
-            def run(t: Tensor) -> Tensor:
-                for name in names:
-                    f = getattr(block, name)
-                    if isinstance(f, Tensor):
-                        t = f * t
-                    else:
-                        t = f(t, **kwargs) if name == kwargs_to else f(t)
-                return t
-
-            return run
-
-        return [(getattr(block, drop), branch(names)) for drop, names in residuals]
-
-    return plan
-
-
-def _timm_convnext_block(block: nn.Module, kwargs: dict) -> Plan:
-    """timm's ConvNeXtBlock: ``drop_path(branch(x)) + x`` (identity shortcut only)."""
-    if kwargs or not isinstance(block.shortcut, nn.Identity):
-        return None
-
-    def branch(t: Tensor) -> Tensor:
-        t = block.conv_dw(t)
-        if block.use_conv_mlp:
-            t = block.mlp(block.norm(t))
-        else:
-            t = block.mlp(block.norm(t.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-        if block.gamma is not None:
-            t = t.mul(block.gamma.reshape(1, -1, 1, 1))
-        return t
-
-    return [(block.drop_path, branch)]
-
-
-def _torchvision_cnblock(block: nn.Module, kwargs: dict) -> Plan:
-    """torchvision's CNBlock: ``stochastic_depth(layer_scale * block(x)) + x``."""
-    if kwargs:
-        return None
-    return [(block.stochastic_depth, lambda t: block.layer_scale * block.block(t))]
-
-
-# (module, class qualname) -> plan. Each entry states its block's residual structure; the tests
-# check it against the installed package (training steps against the block converted without
-# skipping, eval outputs bit for bit).
-_BLOCKS: dict[tuple[str, str], Spec] = {
-    ("timm.models.vision_transformer", "Block"): _chain(
-        ("drop_path1", ("norm1", "attn", "ls1")),
-        ("drop_path2", ("norm2", "mlp", "ls2")),
-        kwargs_to="attn",
-    ),
-    ("timm.models.vision_transformer", "ResPostBlock"): _chain(
-        ("drop_path1", ("attn", "norm1")), ("drop_path2", ("mlp", "norm2")), kwargs_to="attn"
-    ),
-    ("timm.models.cait", "LayerScaleBlock"): _chain(
-        ("drop_path", ("norm1", "attn", "gamma_1")), ("drop_path", ("norm2", "mlp", "gamma_2"))
-    ),
-    ("timm.models.convit", "Block"): _chain(
-        ("drop_path", ("norm1", "attn")), ("drop_path", ("norm2", "mlp"))
-    ),
-    ("timm.models.convnext", "ConvNeXtBlock"): _timm_convnext_block,
-    ("torchvision.models.convnext", "CNBlock"): _torchvision_cnblock,
-    ("torchvision.models.swin_transformer", "SwinTransformerBlock"): _chain(
-        ("stochastic_depth", ("norm1", "attn")), ("stochastic_depth", ("norm2", "mlp"))
-    ),
-    ("torchvision.models.swin_transformer", "SwinTransformerBlockV2"): _chain(
-        ("stochastic_depth", ("attn", "norm1")), ("stochastic_depth", ("mlp", "norm2"))
-    ),
-}
-
-_CLASS_PREFIX = "SkipDropped__"
-_skip_classes: dict[type, type] = {}
-
-
-def _class_name(key: tuple[str, str]) -> str:
-    return _CLASS_PREFIX + "__".join(key).replace(".", "_")
-
-
-def _drop_params(layer: nn.Module) -> tuple[float, bool] | None:
-    """(p, scale_by_keep) of a per-sample drop layer in training; None for one we cannot skip."""
-    if isinstance(layer, nn.Identity) or not layer.training:
-        return 0.0, True
-    kind = _drop_kind(layer)
-    if kind == "DropPath":
-        return float(layer.drop_prob), bool(layer.scale_by_keep)
-    if kind == "StochasticDepth" and layer.mode == "row":
-        return float(layer.p), True
-    return None  # torchvision's mode="batch", or a layer we do not know
-
-
-def _drop_kind(layer: nn.Module) -> str | None:
-    """ "DropPath" / "StochasticDepth" for timm's, torchvision's and our layers, else None."""
-    return _drop_kind_of(type(layer))
-
-
-@functools.cache
-def _drop_kind_of(cls: type) -> str | None:
-    # By type, once: a timm/torchvision layer's package is imported before the layer exists.
-    from fused_dropout import modules
-    from fused_dropout.convert import _replaceable
-
-    for name in ("DropPath", "StochasticDepth"):
-        if issubclass(cls, getattr(modules, name)):
-            return name
-    name = _replaceable().get(cls)
-    return name if name in ("DropPath", "StochasticDepth") else None
-
-
-def _skip_class(original: type, spec: Spec, key: tuple[str, str]) -> type:
-    """``original`` with a training forward that runs each branch on its kept samples only."""
-    if original in _skip_classes:
-        return _skip_classes[original]
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        plan = None if args or not self.training else spec(self, kwargs)
-        params = None if plan is None else [_drop_params(drop) for drop, _ in plan]
-        if plan is None or any(q is None for q in params):
-            return original.forward(self, x, *args, **kwargs)
-        mode = self.__dict__.get("drop_path_mode", "sample")
-        for (_, branch), (p, scale_by_keep) in zip(plan, params):
-            x = drop_path_residual(x, branch, p, mode=mode, scale_by_keep=scale_by_keep)
-        return x
-
-    forward.__doc__ = f"{original.__qualname__}.forward, running each branch on kept samples only."
-    cls = type(
-        original.__name__,  # repr unchanged
-        (original,),
-        {"__module__": __name__, "__qualname__": _class_name(key), "forward": forward},
-    )
-    _skip_classes[original] = cls
-    return cls
-
-
-def __getattr__(attr: str) -> type:
-    """The rewired block classes, for unpickling (imports the block's package)."""
-    if attr.startswith(_CLASS_PREFIX):
-        import importlib
-
-        for key, spec in _BLOCKS.items():
-            if _class_name(key) == attr:
-                original = getattr(importlib.import_module(key[0]), key[1])
-                return _skip_class(original, spec, key)
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
-
-
-def _known_blocks() -> dict[type, tuple[Spec, tuple[str, str]]]:
-    """Class -> (spec, key) for the blocks whose package is imported (never imports one)."""
-    table = {}
-    for key, spec in _BLOCKS.items():
-        cls = getattr(sys.modules.get(key[0]), key[1], None)
-        if isinstance(cls, type):
-            table[cls] = (spec, key)
-    return table
-
-
-def _has_batchnorm(block: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.modules())
-
-
-def rewire(model: nn.Module, mode: str = "sample", allow_batchnorm: bool = False) -> dict[str, int]:
-    """Make the known residual blocks of ``model`` (in place) run each branch on its kept samples.
-
-    A known block (timm's ViT ``Block`` and ``ResPostBlock``, CaiT ``LayerScaleBlock``, ConViT
-    ``Block``, ``ConvNeXtBlock``; torchvision's ``CNBlock`` and Swin blocks) holding a drop layer
-    gets a subclass of its class (same ``repr``, ``state_dict`` and ``isinstance``; it pickles)
-    whose training forward calls :func:`drop_path_residual` with the drop layer's probability;
-    outside training it runs the original forward. A block whose branch holds a BatchNorm is left
-    unless ``allow_batchnorm``: its batch statistics would come from the kept samples only.
-
-    Returns counts: ``"skip_dropped:<Class>"`` for rewired blocks, ``"not_skipped:<Class>"`` for
-    the other modules that hold a drop-path layer (unknown blocks, or BatchNorm), also named in
-    one ``UserWarning``.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode has to be one of {MODES}, but got {mode!r}")
-    known = _known_blocks()
-    _prepare_compile()
-    counts: dict[str, int] = {}
-    left: dict[str, list[str]] = {}
-    for path, module in model.named_modules():
-        cls = type(module)
-        if cls in _skip_classes.values():
-            continue  # rewired already
-        holds_drop = any(_drop_kind(child) for child in module.children())
-        if not holds_drop:
-            continue
-        if cls in known and (allow_batchnorm or not _has_batchnorm(module)):
-            spec, key = known[cls]
-            module.__class__ = _skip_class(cls, spec, key)
-            module.drop_path_mode = mode
-            key_name = f"skip_dropped:{cls.__name__}"
-        else:
-            why = "its branch holds a BatchNorm" if cls in known else "unknown block"
-            left.setdefault(f"{cls.__module__}.{cls.__qualname__} ({why})", []).append(path)
-            key_name = f"not_skipped:{cls.__name__}"
-        counts[key_name] = counts.get(key_name, 0) + 1
-    if left:
-        listed = "; ".join(
-            f"{what} at {', '.join(repr(p) for p in paths[:3])}"
-            + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-            for what, paths in left.items()
-        )
-        warnings.warn(
-            f"fused_dropout.convert(skip_dropped=True) left these blocks computing every sample: "
-            f"{listed}",
-            UserWarning,
-            stacklevel=3,
-        )
-    return counts

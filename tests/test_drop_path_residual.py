@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 import fused_dropout
+from fused_dropout import _layers, skip
 from fused_dropout import functional as FD
-from fused_dropout import skip
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -490,7 +490,7 @@ def test_rewired_block_trains_like_the_converted_block(name):
     torch.manual_seed(0)
     model = build()
     for m in model.modules():  # p = 0.5 everywhere, so that samples are skipped
-        if skip._drop_kind(m):
+        if _layers.drop_kind(m):
             setattr(m, "drop_prob" if hasattr(m, "drop_prob") else "p", 0.5)
     # the last block: the first has rate 0 (no drop layer) in the linear schedule
     n, x = list(_block_inputs(model, block_type, randn(shape, torch.float32)).items())[-1]

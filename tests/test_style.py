@@ -45,3 +45,47 @@ def test_clang_format():
         [clang_format, "--dry-run", "--Werror", *files], cwd=REPO, capture_output=True, text=True
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-20000:]
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module of fused_dropout -> the package's modules it imports (at any depth of its code)."""
+    import ast
+
+    graph = {}
+    for path in (REPO / "fused_dropout").glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "fused_dropout":
+                deps |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "fused_dropout."
+            ):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {
+                    a.name.split(".")[1] for a in node.names if a.name.startswith("fused_dropout.")
+                }
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def test_no_import_cycles():
+    """The package's modules import each other without a cycle (lazy imports inside functions
+    count too): each depends on modules below it only."""
+    graph = _package_imports()
+    assert {"convert", "skip", "blocks"} <= graph.keys()
+    done: set[str] = set()
+
+    def visit(name: str, stack: list[str]) -> None:
+        if name in stack:
+            raise AssertionError(
+                "import cycle: " + " -> ".join([*stack[stack.index(name) :], name])
+            )
+        if name in done or name not in graph:
+            return
+        for dep in sorted(graph[name]):
+            visit(dep, [*stack, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])

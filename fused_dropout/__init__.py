@@ -8,7 +8,7 @@ from fused_dropout import _loader
 
 _loader.load()
 
-from fused_dropout import functional, functional_mode, ops, skip  # noqa: E402  (needs the loaded ops)
+from fused_dropout import blocks, functional, functional_mode, ops, skip  # noqa: E402  (needs the loaded ops)
 from fused_dropout.convert import convert  # noqa: E402
 from fused_dropout.functional_mode import mode  # noqa: E402
 from fused_dropout.modules import (  # noqa: E402
@@ -19,6 +19,8 @@ from fused_dropout.modules import (  # noqa: E402
     Dropout2d,
     Dropout3d,
     DropoutAdd,
+    DropoutAddLayerNorm,
+    DropoutAddRMSNorm,
     DropPath,
     DropPathAdd,
     FeatureAlphaDropout,
@@ -38,8 +40,11 @@ __all__ = [
     "Dropout2d",
     "Dropout3d",
     "DropoutAdd",
+    "DropoutAddLayerNorm",
+    "DropoutAddRMSNorm",
     "FeatureAlphaDropout",
     "StochasticDepth",
+    "blocks",
     "convert",
     "functional",
     "functional_mode",

@@ -76,20 +76,23 @@ def drop_kind(layer: nn.Module) -> str | None:
 
 
 # The norms fuse_norm computes itself: classes whose forward is exactly torch's layer_norm or
-# rms_norm of their weight (and bias) over ``normalized_shape``.
-_NORMS = {"LayerNorm": (nn.LayerNorm,), "RMSNorm": (nn.RMSNorm,)}
-_EXTERNAL_NORMS = {
-    "LayerNorm": ("LayerNorm", ("timm.layers.norm",)),
-    "RMSNorm": ("RmsNorm", ("timm.layers.norm",)),
-}
+# rms_norm of their weight (and bias) over ``normalized_shape``, by kind.
+_NORMS = {"LayerNorm": (nn.LayerNorm, "LayerNorm"), "RMSNorm": (nn.RMSNorm, "RmsNorm")}
+_TIMM_NORMS = ("timm.layers.norm",)
+
+
+def norm_classes() -> dict[type, str]:
+    """Exact class -> "LayerNorm" / "RMSNorm", for torch's norms and timm's (if imported)."""
+    table: dict[type, str] = {}
+    for kind, (torch_cls, timm_name) in _NORMS.items():
+        table[torch_cls] = kind
+        for cls in _external_classes(timm_name, _TIMM_NORMS):
+            table[cls] = kind
+    return table
 
 
 def norm_kind(layer: nn.Module) -> str | None:
-    """ "LayerNorm" / "RMSNorm" for those norms of torch and timm (exact classes) normalizing the
-    last dim only; None for any other layer (other dims, subclasses, BatchNorm, ...)."""
-    cls = type(layer)
-    for kind, classes in _NORMS.items():
-        name, module_names = _EXTERNAL_NORMS[kind]
-        if cls in classes or cls in _external_classes(name, module_names):
-            return kind if len(layer.normalized_shape) == 1 else None
-    return None
+    """ "LayerNorm" / "RMSNorm" for those norms (exact classes) normalizing the last dim only;
+    None for any other layer (several dims, subclasses, BatchNorm, ...)."""
+    kind = norm_classes().get(type(layer))
+    return kind if kind is not None and len(layer.normalized_shape) == 1 else None

@@ -1,25 +1,39 @@
 """The residual blocks ``convert`` rewires, and how their rewired classes are made and pickled.
 
-``convert(model, skip_dropped=True)`` makes a known block run each residual branch on the
-samples its drop-path layer keeps only (:func:`fused_dropout.skip.drop_path_residual`). The
-block's class is swapped, in place, for a subclass (:func:`rewired_class`, one per block class:
-same name, so ``repr``, ``state_dict`` and ``isinstance`` hold) whose ``forward`` reads what to
-do from the instance's :class:`Rewiring` and otherwise runs the original ``forward``. Each
-rewired class is an attribute of this module, made on first use, so models holding one pickle.
+- ``convert(model, skip_dropped=True)`` makes a known block run each residual branch on the
+  samples its drop-path layer keeps only (:func:`fused_dropout.skip.drop_path_residual`).
+- ``convert(model, fuse_norm=True)`` makes a known block compute ``norm(residual +
+  dropout(x))`` as one op (:func:`fused_dropout.functional.dropout_add_layer_norm`,
+  ``dropout_add_rms_norm``), in training and in eval.
+
+Known are the blocks of ``_BLOCKS`` (by class: each entry states its residual structure as a
+:class:`Form`), and, for ``fuse_norm``, any module whose forward is ``norm(dropout(f(a)) + b)``
+(:class:`PostNorm`: the Hugging Face BERT family's SelfOutput/Output and their copies), found
+by tracing its forward with torch.fx, its children as leaves.
+
+Either way, the block's class is swapped, in place, for a subclass (:func:`rewired_class`, one
+per block class: same name, so ``repr``, ``state_dict`` and ``isinstance`` hold) whose
+``forward`` does what the instance's :class:`Rewiring` says and otherwise runs the original
+``forward``. Each rewired class is an attribute of this module, made on first use, so models
+holding one pickle.
 """
 
 from __future__ import annotations
 
 import importlib
+import operator
 import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from fused_dropout import _layers, skip
+from fused_dropout import functional as FD
 
 __all__ = ["Rewiring", "rewire", "rewired_class"]
 
@@ -27,6 +41,56 @@ Branch = Callable[[Tensor], Tensor]
 # A block's training forward as residuals: for each, the drop-path layer that decides it and the
 # branch. None: run the block's own forward (arguments we cannot split per sample).
 Plan = list[tuple[nn.Module, Branch]] | None
+# A drop layer as the fused op takes it: (p, training, per_sample).
+Drop = tuple[float, bool, bool]
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fusable_drop(layer: nn.Module) -> Drop | None:
+    """(p, training, per_sample) of a drop layer the fused op computes exactly as its forward
+    does: element-wise dropout, drop path (scaled by 1/keep), row stochastic depth, Identity."""
+    if isinstance(layer, nn.Identity):
+        return 0.0, False, False
+    kind = _layers.layer_kind(layer)
+    if _hooked(layer) or kind is None:
+        return None
+    if kind == "Dropout":
+        return float(layer.p), layer.training, False
+    if kind == "DropPath" and layer.scale_by_keep:
+        return float(layer.drop_prob), layer.training, True
+    if kind == "StochasticDepth" and layer.mode == "row":
+        return float(layer.p), layer.training, True
+    return None  # channel-wise or alpha dropout, no 1/keep scale, a whole-batch decision
+
+
+def _fusable_norm(layer: nn.Module) -> bool:
+    return _layers.norm_kind(layer) is not None and not _hooked(layer)
+
+
+def _dropout_add_norm(
+    norm: nn.Module,
+    input: Tensor,
+    residual: Tensor,
+    drop: Drop,
+    *,
+    prenorm: bool = False,
+    input_bias: Tensor | None = None,
+) -> Any:
+    """``norm(residual + drop(input + input_bias))`` by the fused op (and the sum if prenorm)."""
+    p, training, per_sample = drop
+    dtype = torch.promote_types(input.dtype, residual.dtype)  # as the add promotes (autocast)
+    input, residual = input.to(dtype), residual.to(dtype)
+    if input_bias is not None:
+        input_bias = input_bias.to(dtype)
+    keywords = dict(input_bias=input_bias, per_sample=per_sample, prenorm=prenorm)
+    if _layers.norm_kind(norm) == "LayerNorm":
+        return FD.dropout_add_layer_norm(
+            input, residual, norm.weight, norm.bias, p, training, norm.eps, **keywords
+        )
+    return FD.dropout_add_rms_norm(input, residual, norm.weight, p, training, norm.eps, **keywords)
 
 
 class Form:
@@ -34,7 +98,15 @@ class Form:
 
     def skip_plan(self, block: nn.Module, kwargs: dict) -> Plan:
         """The residuals of ``block``'s forward on ``x`` with keywords ``kwargs``, or None."""
-        raise NotImplementedError
+        return None
+
+    def fusions(self, block: nn.Module) -> list:
+        """What ``fuse`` would fuse in ``block`` now (empty: nothing)."""
+        return []
+
+    def fuse(self, block: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+        """``block``'s forward with dropout + add + norm as one op, or None (cannot)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -54,6 +126,35 @@ class Chain(Form):
             (getattr(block, drop), self._branch(block, names, kwargs))
             for drop, names in self.residuals
         ]
+
+    def fusions(self, block: nn.Module) -> list[tuple[nn.Module, Drop] | None]:
+        """Per residual: (the norm that starts the next branch, the drop's parameters) when the
+        add fuses with that norm, else None."""
+        found: list[tuple[nn.Module, Drop] | None] = []
+        for (drop_name, _), (_, next_names) in zip(self.residuals, self.residuals[1:]):
+            norm = getattr(block, next_names[0])
+            drop = _fusable_drop(getattr(block, drop_name))
+            fusable = isinstance(norm, nn.Module) and _fusable_norm(norm) and drop is not None
+            found.append((norm, drop) if fusable else None)
+        return [*found, None] if any(found) else []
+
+    def fuse(self, block: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+        # x = x + drop(branch(x)); norm(x) starts the next branch: y, x = op(branch(x), x) and
+        # the next branch goes on from y.
+        fusions = self.fusions(block)
+        if len(args) != 1 or not fusions or (kwargs and not self.kwargs_to):
+            return None
+        x, y = args[0], None
+        for (drop_name, names), fusion in zip(self.residuals, fusions):
+            t = self._branch(block, names, kwargs)(x) if y is None else (
+                self._branch(block, names[1:], kwargs)(y)
+            )  # fmt: skip
+            if fusion is None:
+                x, y = x + getattr(block, drop_name)(t), None
+            else:
+                norm, drop = fusion
+                y, x = _dropout_add_norm(norm, t, x, drop, prenorm=True)
+        return x
 
     def _branch(self, block: nn.Module, names: tuple[str, ...], kwargs: dict) -> Branch:
         def run(t: Tensor) -> Tensor:
@@ -76,6 +177,74 @@ class Custom(Form):
 
     def skip_plan(self, block: nn.Module, kwargs: dict) -> Plan:
         return self.plan(block, kwargs)
+
+
+@dataclass(frozen=True)
+class PostNorm(Form):
+    """A block whose forward is ``norm(dropout(f(a)) + b)`` for its arguments ``(a, b)``, its
+    children ``f``, ``dropout`` (element-wise) and ``norm`` (LayerNorm or RMSNorm): the Hugging
+    Face BERT family's SelfOutput/Output and their copies. Found by :meth:`find`."""
+
+    args: tuple[str, str]  # the forward's parameter names
+    f: str
+    dropout: str
+    norm: str
+
+    @staticmethod
+    def find(block: nn.Module) -> PostNorm | None:
+        """``block``'s form if its traced forward (children as leaves) is exactly that graph."""
+        children = dict(block.named_children())
+        if len(children) != 3 or isinstance(block, torch.jit.ScriptModule):
+            return None
+        try:
+            graph = _ChildrenAsLeaves().trace(block)
+        except Exception:  # any forward FX cannot trace is not of this form
+            return None
+        nodes = list(graph.nodes)
+        if len(nodes) != 7 or any(n.kwargs for n in nodes):
+            return None
+        a, b, f, drop, add, norm, out = nodes
+        modules = (f, drop, norm)
+        ops = (a.op, b.op, add.op, out.op)
+        if not (
+            ops == ("placeholder", "placeholder", "call_function", "output")
+            and all(n.op == "call_module" and n.target in children for n in modules)
+            and len({n.target for n in modules}) == 3
+            and f.args == (a,)
+            and drop.args == (f,)
+            and add.target is operator.add
+            and add.args in ((drop, b), (b, drop))
+            and norm.args == (add,)
+            and out.args == (norm,)
+        ):
+            return None
+        form = PostNorm((a.target, b.target), f.target, drop.target, norm.target)
+        if _layers.layer_kind(children[form.dropout]) != "Dropout":
+            return None
+        return form
+
+    def fusions(self, block: nn.Module) -> list[tuple[nn.Module, Drop]]:
+        norm, drop = getattr(block, self.norm), _fusable_drop(getattr(block, self.dropout))
+        return [(norm, drop)] if _fusable_norm(norm) and drop is not None else []
+
+    def fuse(self, block: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+        fusions = self.fusions(block)
+        names = self.args[len(args) :]
+        if not fusions or len(args) > 2 or kwargs.keys() != set(names):
+            return None
+        a, b = (*args, *(kwargs[name] for name in names))
+        (norm, drop), f = fusions[0], getattr(block, self.f)
+        if type(f) is nn.Linear and f.bias is not None and not _hooked(f):
+            # The bias goes into the fused op: one pass less than the Linear's own bias add.
+            return _dropout_add_norm(norm, F.linear(a, f.weight), b, drop, input_bias=f.bias)
+        return _dropout_add_norm(norm, f(a), b, drop)
+
+
+class _ChildrenAsLeaves(torch.fx.Tracer):
+    """Traces a module's own forward: each child is one ``call_module`` node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
 
 
 def _timm_convnext_block(block: nn.Module, kwargs: dict) -> Plan:
@@ -147,10 +316,13 @@ def _known_blocks() -> dict[type, Form]:
 @dataclass(frozen=True)
 class Rewiring:
     """What a rewired block does instead of its forward: ``skip_mode`` (``"sample"`` or
-    ``"subset"``): run each branch on the kept samples only in training (None: not)."""
+    ``"subset"``): run each branch on the kept samples only in training (None: not);
+    ``fuse_norm``: compute dropout + add + norm as one op. Where both apply (a training forward
+    with a drop probability above 0), skipping wins: it saves the dropped samples' branch."""
 
     form: Form
     skip_mode: str | None = None
+    fuse_norm: bool = False
 
 
 _ATTR = "_fused_dropout_rewiring"  # the instance attribute holding its Rewiring
@@ -171,11 +343,12 @@ def rewired_class(original: type) -> type:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         how: Rewiring = self.__dict__[_ATTR]
+        out = None
         if how.skip_mode is not None and self.training:
             out = _skip_forward(self, how, args, kwargs)
-            if out is not None:
-                return out
-        return original.forward(self, *args, **kwargs)
+        if out is None and how.fuse_norm:
+            out = how.form.fuse(self, args, kwargs)
+        return original.forward(self, *args, **kwargs) if out is None else out
 
     forward.__doc__ = f"{original.__qualname__}.forward, rewired by fused_dropout.convert."
     cls = type(
@@ -224,8 +397,8 @@ def _skip_forward(block: nn.Module, how: Rewiring, args: tuple, kwargs: dict) ->
         return None
     plan = how.form.skip_plan(block, kwargs)
     params = None if plan is None else [_drop_params(drop) for drop, _ in plan]
-    if params is None or any(q is None for q in params):
-        return None
+    if params is None or any(q is None for q in params) or all(q[0] == 0 for q in params):
+        return None  # nothing to skip: the original forward (or the fused one) does the same
     x = args[0]
     for (_, branch), (p, scale_by_keep) in zip(plan, params):
         x = skip.drop_path_residual(x, branch, p, mode=how.skip_mode, scale_by_keep=scale_by_keep)
@@ -240,48 +413,74 @@ def _has_batchnorm(block: nn.Module) -> bool:
 
 
 def rewire(
-    model: nn.Module, *, skip_mode: str | None = None, allow_batchnorm: bool = False
+    model: nn.Module,
+    *,
+    skip_mode: str | None = None,
+    allow_batchnorm: bool = False,
+    fuse_norm: bool = False,
 ) -> dict[str, int]:
     """Rewire the known blocks of ``model`` in place, as ``convert`` asks; returns counts.
 
-    ``skip_mode`` (``"sample"`` or ``"subset"``): a known block (timm's ViT ``Block`` and
-    ``ResPostBlock``, CaiT ``LayerScaleBlock``, ConViT ``Block``, ``ConvNeXtBlock``;
-    torchvision's ``CNBlock`` and Swin blocks) holding a drop layer gets a training forward that
-    calls :func:`~fused_dropout.skip.drop_path_residual` with the drop layer's probability;
-    outside training it runs the original forward. A block whose branch holds a BatchNorm is
-    left unless ``allow_batchnorm``: its batch statistics would come from the kept samples only.
-    Counts: ``"skip_dropped:<Class>"`` for rewired blocks, ``"not_skipped:<Class>"`` for the
-    other modules that hold a drop-path layer (unknown blocks, or BatchNorm), also named in one
-    ``UserWarning``. A block rewired before is neither changed nor counted.
+    - ``skip_mode`` (``"sample"`` or ``"subset"``): a known block (timm's ViT ``Block`` and
+      ``ResPostBlock``, CaiT ``LayerScaleBlock``, ConViT ``Block``, ``ConvNeXtBlock``;
+      torchvision's ``CNBlock`` and Swin blocks) holding a drop layer gets a training forward
+      that calls :func:`~fused_dropout.skip.drop_path_residual` with the drop layer's
+      probability; outside training it runs the original forward. A block whose branch holds a
+      BatchNorm is left unless ``allow_batchnorm``: its batch statistics would come from the
+      kept samples only. Counts: ``"skip_dropped:<Class>"`` for rewired blocks,
+      ``"not_skipped:<Class>"`` for the other modules that hold a drop-path layer (unknown
+      blocks, or BatchNorm), also named in one ``UserWarning``.
+    - ``fuse_norm``: a known block in which a residual add is followed by a LayerNorm or
+      RMSNorm of the sum (see :class:`Chain` and :class:`PostNorm`) computes dropout (or drop
+      path) + add + norm as one op, in training and in eval. Counts: ``"fuse_norm:<Class>"``
+      for rewired blocks, ``"not_fused:<Class>"`` for the other modules holding both a
+      dropout-family layer and a norm (no warning: many, as BERT's embeddings, normalize
+      before their dropout).
+
+    A block rewired before is neither changed nor counted again for what it does already.
     """
     if skip_mode is not None and skip_mode not in skip.MODES:
         raise ValueError(f"mode has to be one of {skip.MODES}, but got {skip_mode!r}")
     known = _known_blocks()
     if skip_mode is not None:
         skip._prepare_compile()
+    norms = tuple(_layers.norm_classes())
     counts: dict[str, int] = {}
     left: dict[str, list[str]] = {}
 
     def count(key: str) -> None:
         counts[key] = counts.get(key, 0) + 1
 
+    def update(module: nn.Module, cls: type, how: Rewiring) -> None:
+        module.__class__ = rewired_class(cls)
+        module.__dict__[_ATTR] = how
+
     for path, module in model.named_modules():
-        how: Rewiring | None = module.__dict__.get(_ATTR)
         cls = _original_class(module)
+        how: Rewiring | None = module.__dict__.get(_ATTR)
         form = how.form if how is not None else known.get(cls)
-        if skip_mode is None or (how is not None and how.skip_mode is not None):
-            continue
-        if not any(_layers.drop_kind(child) for child in module.children()):
-            continue
-        if form is not None and (allow_batchnorm or not _has_batchnorm(module)):
-            how = replace(how, skip_mode=skip_mode) if how else Rewiring(form, skip_mode)
-            module.__dict__[_ATTR] = how
-            module.__class__ = rewired_class(cls)
-            count(f"skip_dropped:{cls.__name__}")
-        else:
-            why = "its branch holds a BatchNorm" if form is not None else "unknown block"
-            left.setdefault(f"{cls.__module__}.{cls.__qualname__} ({why})", []).append(path)
-            count(f"not_skipped:{cls.__name__}")
+        children = list(module.children())
+        if skip_mode is not None and not (how and how.skip_mode):
+            if any(_layers.drop_kind(child) for child in children):
+                if form is not None and (allow_batchnorm or not _has_batchnorm(module)):
+                    how = replace(how, skip_mode=skip_mode) if how else Rewiring(form, skip_mode)
+                    update(module, cls, how)
+                    count(f"skip_dropped:{cls.__name__}")
+                else:
+                    why = "its branch holds a BatchNorm" if form is not None else "unknown block"
+                    left.setdefault(f"{_describe(cls)} ({why})", []).append(path)
+                    count(f"not_skipped:{cls.__name__}")
+        if fuse_norm and not (how and how.fuse_norm):
+            if form is None:
+                form = PostNorm.find(module)
+            if form is not None and form.fusions(module):
+                how = replace(how, fuse_norm=True) if how else Rewiring(form, fuse_norm=True)
+                update(module, cls, how)
+                count(f"fuse_norm:{cls.__name__}")
+            elif any(isinstance(c, norms) for c in children) and any(
+                _layers.layer_kind(c) for c in children
+            ):
+                count(f"not_fused:{cls.__name__}")
     if left:
         listed = "; ".join(
             f"{what} at {', '.join(repr(p) for p in paths[:3])}"
@@ -295,3 +494,7 @@ def rewire(
             stacklevel=3,
         )
     return counts
+
+
+def _describe(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -56,6 +56,7 @@ def convert(
     skip_dropped: bool = False,
     skip_mode: str = "sample",
     allow_batchnorm: bool = False,
+    fuse_norm: bool = False,
 ) -> tuple[nn.Module, dict[str, int]]:
     """Replace, in place, every dropout-family layer of ``model`` by fused_dropout's module.
 
@@ -90,6 +91,16 @@ def convert(
             semantics, or ``"subset"``, DINOv2's fixed-size subset). Blocks whose branch holds
             a BatchNorm are left unless ``allow_batchnorm`` (its statistics would then come
             from the kept samples only). Eval outputs and ``state_dict`` are unchanged.
+        fuse_norm: also rewire the blocks it knows in which a residual add is followed by a
+            LayerNorm or RMSNorm of the sum, so that dropout (or drop path) + add + norm run as
+            one op (:func:`fused_dropout.functional.dropout_add_layer_norm`), in training and in
+            eval: the Hugging Face BERT family's ``SelfOutput``/``Output`` and any module whose
+            forward is ``norm(dropout(f(a)) + b)`` (found by tracing it), timm's ViT ``Block``,
+            CaiT ``LayerScaleBlock`` and ConViT ``Block``, torchvision's
+            ``SwinTransformerBlock`` (their first residual with ``norm2``, prenorm); see
+            :func:`fused_dropout.blocks.rewire`. ``state_dict`` is unchanged; eval outputs
+            change by the norm's rounding. With ``skip_dropped`` too, a block skips dropped
+            samples where it can (training, drop probability above 0) and fuses otherwise.
 
     Returns:
         ``(model, counts)``. ``counts`` maps the name of each kind of layer replaced to the
@@ -102,7 +113,8 @@ def convert(
         call returns no replacement counts.
         With ``skip_dropped``, also ``"skip_dropped:<Block>"`` (blocks rewired) and
         ``"not_skipped:<Block>"`` (other modules holding a drop-path layer, named in a
-        ``UserWarning``).
+        ``UserWarning``). With ``fuse_norm``, also ``"fuse_norm:<Block>"`` (blocks rewired) and
+        ``"not_fused:<Class>"`` (other modules holding both a dropout-family layer and a norm).
 
     Note:
         Without ``functional=True`` only modules are swapped: dropout called functionally
@@ -168,8 +180,15 @@ def convert(
 
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("fused_dropout.convert: TorchScript modules cannot be converted")
-    if skip_dropped:
-        counts.update(blocks.rewire(model, skip_mode=skip_mode, allow_batchnorm=allow_batchnorm))
+    if skip_dropped or fuse_norm:
+        counts.update(
+            blocks.rewire(
+                model,
+                skip_mode=skip_mode if skip_dropped else None,
+                allow_batchnorm=allow_batchnorm,
+                fuse_norm=fuse_norm,
+            )
+        )
     root = new_module(model, "")
     if root is not None:
         model = root

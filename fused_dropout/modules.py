@@ -25,6 +25,8 @@ __all__ = [
     "Dropout2d",
     "Dropout3d",
     "DropoutAdd",
+    "DropoutAddLayerNorm",
+    "DropoutAddRMSNorm",
     "FeatureAlphaDropout",
     "StochasticDepth",
 ]
@@ -194,3 +196,97 @@ class BiasDropoutAdd(DropoutAdd):
             if node is not None:
                 return node
         return _impl.dropout_add(input, residual, bias, self.p, self.training)
+
+
+def _check_last_dim(module: nn.Module) -> None:
+    if len(module.normalized_shape) != 1:
+        raise ValueError(
+            f"{type(module).__name__} normalizes over the last dim only, so normalized_shape "
+            f"must have one dim, got {tuple(module.normalized_shape)}"
+        )
+
+
+class DropoutAddLayerNorm(_FXLeaf, nn.LayerNorm):
+    """``LayerNorm(residual + dropout(input))`` in one op (``prenorm``: ``(y, h)``)."""
+
+    def __init__(
+        self,
+        normalized_shape: int | list[int] | torch.Size,
+        p: float,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        prenorm: bool = False,
+        residual_in_fp32: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _impl.check_p(p)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        _check_last_dim(self)
+        self.p = p
+        self.prenorm = prenorm
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(
+        self, input: Tensor, residual: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if not torch.jit.is_scripting():
+            node = self._fx_node([input] if residual is None else [input, residual])
+            if node is not None:
+                return node
+        y, h = _impl.dropout_add_norm(
+            input, residual, self.weight, self.bias, None, self.p, self.training, self.eps,
+            False, False, self.prenorm, self.residual_in_fp32,
+        )  # fmt: skip
+        if self.prenorm:
+            return y, h
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}" + _norm_options(self)
+
+
+class DropoutAddRMSNorm(_FXLeaf, nn.RMSNorm):
+    """``RMSNorm(residual + dropout(input))`` in one op (``prenorm``: ``(y, h)``)."""
+
+    def __init__(
+        self,
+        normalized_shape: int | list[int] | torch.Size,
+        p: float,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        prenorm: bool = False,
+        residual_in_fp32: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _impl.check_p(p)
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        _check_last_dim(self)
+        self.p = p
+        self.prenorm = prenorm
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(
+        self, input: Tensor, residual: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if not torch.jit.is_scripting():
+            node = self._fx_node([input] if residual is None else [input, residual])
+            if node is not None:
+                return node
+        y, h = _impl.dropout_add_norm(
+            input, residual, self.weight, None, None, self.p, self.training, self.eps,
+            True, False, self.prenorm, self.residual_in_fp32,
+        )  # fmt: skip
+        if self.prenorm:
+            return y, h
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}" + _norm_options(self)
+
+
+def _norm_options(module: nn.Module) -> str:
+    options = [name for name in ("prenorm", "residual_in_fp32") if getattr(module, name)]
+    return "".join(f", {name}=True" for name in options)

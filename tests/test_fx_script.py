@@ -100,6 +100,32 @@ def test_fused_add_modules_script_and_fx():
             torch.fx.symbolic_trace(module)
 
 
+@pytest.mark.parametrize(
+    "module",
+    [
+        fused_dropout.DropoutAddLayerNorm(6, 0.3),
+        fused_dropout.DropoutAddRMSNorm(6, 0.3),
+        fused_dropout.DropoutAddLayerNorm(6, 0.3, prenorm=True),
+    ],
+    ids=["layer", "rms", "layer-prenorm"],
+)
+def test_norm_modules_script_and_fx(module):
+    x, r = torch.randn(4, 6), torch.randn(4, 6)
+    scripted = torch.jit.script(module)
+    holder = Holder(module)
+    gm = torch.fx.symbolic_trace(holder, concrete_args={"c": None})
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 1
+    for train in (True, False):
+        for m in (module, scripted, gm):
+            m.train(train)
+        want = _run(module, 3, x, r)
+        for got in (_run(scripted, 3, x, r), _run(gm, 3, x, r)):
+            pairs = zip(got, want) if module.prenorm else [(got, want)]
+            assert all(torch.equal(a, b) for a, b in pairs)
+    with pytest.raises(NotImplementedError, match="cannot be traced as the root"):
+        torch.fx.symbolic_trace(module)
+
+
 class Holder(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()

@@ -1,6 +1,8 @@
 """Bytes autograd saves for backward in one training forward of real models (CPU).
 
-For each model: as built, after ``convert(model)`` and after ``convert(model, functional=True)``.
+For each model: as built, after ``convert(model)`` and after ``convert(model, functional=True)``;
+for BERT-base and ViT-S also with ``fuse_norm=True`` (their rows "fuse_norm": as built, after
+``convert(model, fuse_norm=True)`` and after ``convert(model, functional=True, fuse_norm=True)``).
 Counted are the distinct storages the saved-tensor hooks see, parameters excluded (they are
 kept anyway), so the figure is what a training step holds for backward beyond the weights.
 Models are built from their configs, without weights:
@@ -10,7 +12,8 @@ Models are built from their configs, without weights:
 - timm ViT-S/16 (``vit_small_patch16_224``, drop/attn/proj/drop-path rates 0.1), batch 2 at
   224 px, with timm's fused attention (SDPA) and without it.
 
-Run: ``python bench/saved_for_backward.py`` (about a minute on 2 cores); prints a markdown table.
+Run: ``python bench/saved_for_backward.py [part of the names]`` (about two minutes on 2 cores);
+prints a markdown table.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# bench/kernels.py would shadow the ``kernels`` package transformers imports when it finds one.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
 
 import fused_dropout  # noqa: E402
 
@@ -70,36 +76,51 @@ def _vit(fused_attn: bool):
     return model, lambda m: m(x).sum()
 
 
+_BERT, _VIT = (
+    f"BERT-base, {{}} attention ({BATCH}x{TOKENS})",
+    f"timm ViT-S/16, {{}} ({BATCH}x224px)",
+)
+# name -> (builder, keywords of both conversions)
 MODELS = {
-    f"BERT-base, eager attention ({BATCH}x{TOKENS})": lambda: _hf("bert", "eager"),
-    f"BERT-base, SDPA attention ({BATCH}x{TOKENS})": lambda: _hf("bert", "sdpa"),
-    f"GPT-2, eager attention ({BATCH}x{TOKENS})": lambda: _hf("gpt2", "eager"),
-    f"GPT-2, SDPA attention ({BATCH}x{TOKENS})": lambda: _hf("gpt2", "sdpa"),
-    f"timm ViT-S/16, eager attention ({BATCH}x224px)": lambda: _vit(False),
-    f"timm ViT-S/16, fused (SDPA) attention ({BATCH}x224px)": lambda: _vit(True),
+    _BERT.format("eager"): (lambda: _hf("bert", "eager"), {}),
+    _BERT.format("eager") + ", fuse_norm": (lambda: _hf("bert", "eager"), {"fuse_norm": True}),
+    _BERT.format("SDPA"): (lambda: _hf("bert", "sdpa"), {}),
+    _BERT.format("SDPA") + ", fuse_norm": (lambda: _hf("bert", "sdpa"), {"fuse_norm": True}),
+    f"GPT-2, eager attention ({BATCH}x{TOKENS})": (lambda: _hf("gpt2", "eager"), {}),
+    f"GPT-2, SDPA attention ({BATCH}x{TOKENS})": (lambda: _hf("gpt2", "sdpa"), {}),
+    _VIT.format("eager attention"): (lambda: _vit(False), {}),
+    _VIT.format("eager attention") + ", fuse_norm": (lambda: _vit(False), {"fuse_norm": True}),
+    _VIT.format("fused (SDPA) attention"): (lambda: _vit(True), {}),
+    _VIT.format("fused (SDPA) attention") + ", fuse_norm": (
+        lambda: _vit(True),
+        {"fuse_norm": True},
+    ),
 }
 
 
-def measure(build) -> tuple[int, int, int]:
+def measure(build, keywords: dict) -> tuple[int, int, int]:
     torch.manual_seed(0)
     model, step = build()
     model.train()
     figures = [_activation_bytes(model, lambda: step(model))]
-    fused_dropout.convert(model)
+    fused_dropout.convert(model, **keywords)
     figures.append(_activation_bytes(model, lambda: step(model)))
-    fused_dropout.convert(model, functional=True)
+    fused_dropout.convert(model, functional=True, **keywords)
     figures.append(_activation_bytes(model, lambda: step(model)))
     fused_dropout.functional_mode.detach(model)
     return tuple(figures)
 
 
 def main() -> None:
+    only = sys.argv[1] if len(sys.argv) > 1 else ""  # a part of the names to run
     warnings.simplefilter("ignore")
     mib = 2**20
     print("| model (batch) | as built | `convert` | `convert(functional=True)` |")
     print("|---|---:|---:|---:|")
-    for name, build in MODELS.items():
-        base, modules, functional = measure(build)
+    for name, (build, keywords) in MODELS.items():
+        if only not in name:
+            continue
+        base, modules, functional = measure(build, keywords)
         print(
             f"| {name} | {base / mib:.1f} MiB | {modules / mib:.1f} MiB "
             f"(-{100 * (1 - modules / base):.0f}%) | {functional / mib:.1f} MiB "

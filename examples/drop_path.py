@@ -1,27 +1,34 @@
-"""DropPath in a tiny ViT on 8x8 digits: timm's layers, fused_dropout.convert, skip_dropped.
+"""DropPath in a tiny ViT on 8x8 digits: timm's layers, convert, skip_dropped, fuse_norm.
 
 A timm VisionTransformer built without weights (8x8 images in four 4x4 patches, width 32,
 depth 4, drop_path_rate 0.4 on timm's linear schedule over depth), trained briefly with AdamW on
-scikit-learn's bundled digits (no download), in up to three configurations from the same
-initial weights, stepped in turn on the same batches:
+scikit-learn's bundled digits (no download), in five configurations from the same initial
+weights, stepped in turn on the same batches:
   - timm: the model as built, with timm's DropPath;
   - convert: after fused_dropout.convert(model);
-  - skip_dropped: after fused_dropout.convert(model, skip_dropped=True), where the installed
-    fused_dropout has it: the residual branches run only on the samples DropPath keeps.
-It reports loss curves, the median step time, and the bytes autograd saves for backward
-(torch.autograd.graph.saved_tensors_hooks). Over the seeds it checks that the
-configurations reach statistically indistinguishable test accuracy (Welch's t-test), that
-convert saves less for backward than timm (a 16-byte seed pair per DropPath call instead of a
-per-sample mask), and skip_dropped less again (no activations of skipped samples).
+  - skip_dropped: after convert(model, skip_dropped=True): the residual branches run only on
+    the samples DropPath keeps;
+  - fuse_norm: after convert(model, fuse_norm=True): each block's first residual (drop path +
+    add) and norm2 are one op;
+  - skip_dropped+fuse_norm: both; in training a block with a drop probability above 0 skips,
+    the first block (rate 0) fuses.
+It reports loss curves, the median step time and the bytes autograd saves for backward
+(torch.autograd.graph.saved_tensors_hooks), both also as ratios to timm's. Over the seeds it
+checks that every configuration reaches test accuracy statistically indistinguishable from
+timm's (Welch's t-test), that convert saves less for backward than timm (a 16-byte seed pair
+per DropPath call instead of a per-sample mask), that skip_dropped saves less again (no
+activations of skipped samples) and that fuse_norm saves at most the fused op's seed pair
+more than convert (the op keeps h and the row statistics, as LayerNorm does).
 
-    python examples/drop_path.py           # full run: ~40 s of CPU, seeds over the cores
+    python examples/drop_path.py           # full run: ~2 min of CPU, seeds over the cores
     python examples/drop_path.py --smoke   # seconds: 2 seeds, 10 steps, claims not checked
+
+Step times are only meaningful on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 
 import _common
@@ -31,14 +38,22 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.layers import DropPath
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 import fused_dropout
 
-HAS_SKIP_DROPPED = "skip_dropped" in inspect.signature(fused_dropout.convert).parameters
 DROP_PATH_RATE = 0.4
 BATCH = 64
+# configuration -> the keywords of fused_dropout.convert (None: timm's model as built)
+CONFIGURATIONS = {
+    "timm": None,
+    "convert": {},
+    "skip_dropped": {"skip_dropped": True},
+    "fuse_norm": {"fuse_norm": True},
+    "skip_dropped+fuse_norm": {"skip_dropped": True, "fuse_norm": True},
+}
+COLORS = dict(zip(CONFIGURATIONS, ("tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:red")))
 
 
 def tiny_vit() -> VisionTransformer:
@@ -51,15 +66,15 @@ def tiny_vit() -> VisionTransformer:
 
 
 def configurations(seed: int) -> dict[str, nn.Module]:
-    """The same initial weights as timm's model, converted by fused_dropout, and skipping."""
+    """The same initial weights as timm's model, converted as each configuration says."""
     torch.manual_seed(seed)
-    models = {"timm": tiny_vit()}
-    models["convert"], _ = fused_dropout.convert(copy.deepcopy(models["timm"]))
-    if HAS_SKIP_DROPPED:
-        models["skip_dropped"], _ = fused_dropout.convert(
-            copy.deepcopy(models["timm"]), skip_dropped=True
-        )
-    return models
+    timm_model = tiny_vit()
+    return {
+        name: timm_model if keywords is None else fused_dropout.convert(
+            copy.deepcopy(timm_model), **keywords
+        )[0]
+        for name, keywords in CONFIGURATIONS.items()
+    }  # fmt: skip
 
 
 def digits(seed: int) -> tuple[torch.Tensor, ...]:
@@ -126,11 +141,6 @@ def run(seed: int, steps: int) -> dict[str, dict]:
 def main() -> None:
     args = _common.parse_args(__doc__, "drop_path")
     seeds, steps = (2, 10) if args.smoke else (5, 150)
-    if not HAS_SKIP_DROPPED:
-        print(
-            "fused_dropout.convert has no skip_dropped= in this version: "
-            "the skip_dropped configuration is left out\n"
-        )
     results = _common.map_seeds(run, seeds, steps)
     names = list(results[0])
 
@@ -151,7 +161,7 @@ def main() -> None:
             + [_common.mean_std([np.mean(r[n]["loss"][-10:]) for r in results], 3)]
             + [f"{step_ms[n]:.1f} ({step_ms[n] / step_ms['timm']:.2f}x)"]
             + [f"{saved[n] / 2**10:.1f} KiB", f"{saved[n] - saved['timm']:+,.0f} B"]
-            + [f"{saved[n] / saved['timm']:.3f}x"]
+            + [f"{saved[n] / saved['timm']:.4f}x"]
             for n in names
         ],
     )
@@ -174,31 +184,49 @@ def main() -> None:
         f"convert saves {saved['timm'] - saved['convert']:,.0f} B less for backward than timm, "
         f"at least {calls} DropPath calls x ({BATCH} x 4 B mask - 64 B) = {at_least:,} B",
     )
-    if HAS_SKIP_DROPPED:
-        claims.check(
-            saved["skip_dropped"] < saved["convert"],
-            f"skip_dropped saves less for backward than convert ({saved['skip_dropped']:,.0f} B "
-            f"< {saved['convert']:,.0f} B)",
-        )
+    claims.check(
+        saved["skip_dropped"] < saved["convert"],
+        f"skip_dropped saves less for backward than convert ({saved['skip_dropped']:,.0f} B "
+        f"< {saved['convert']:,.0f} B)",
+    )
+    # The fused op keeps h and the row statistics, what LayerNorm(h) keeps, and its seed pair
+    # (at most 64 B per call, even for block 0's drop path at rate 0, which keeps none).
+    blocks = sum(isinstance(m, Block) for m in tiny_vit().modules())
+    claims.check(
+        saved["fuse_norm"] <= saved["convert"] + 64 * blocks,
+        f"fuse_norm saves at most 64 B per fused block more than convert "
+        f"({saved['fuse_norm'] - saved['convert']:+,.0f} B, {blocks} blocks)",
+    )
 
-    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(16, 4.2))
-    colors = dict(zip(names, ("tab:blue", "tab:green", "tab:purple")))
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(18, 4.8))
+    colors = [COLORS[n] for n in names]
     for name in names:
         loss = np.mean([r[name]["loss"] for r in results], axis=0)
         smooth = np.convolve(loss, np.ones(10) / 10, mode="valid")
         acc = _common.mean_std(over_seeds(name, "test accuracy"), 1)
-        left.plot(np.arange(10, steps + 1), smooth, c=colors[name], label=f"{name}: {acc}% test")
+        left.plot(np.arange(10, steps + 1), smooth, c=COLORS[name], label=f"{name}: {acc}% test")
     left.set(title=f"training loss (mean of {seeds} seeds, 10-step average)", xlabel="step")
     left.set(ylabel="cross-entropy")
-    left.legend()
-    bars = mid.bar(names, [step_ms[n] for n in names], color=[colors[n] for n in names])
-    mid.bar_label(bars, labels=[f"{step_ms[n]:.1f} ms" for n in names])
-    mid.set(title="median step time (shared CPU: noisy)", ylabel="ms")
-    bars = right.bar(names, [saved[n] / 2**10 for n in names], color=[colors[n] for n in names])
-    right.bar_label(bars, labels=[f"{saved[n]:,.0f} B" for n in names])
-    right.set(title=f"saved for backward, one forward of {BATCH}", ylabel="KiB")
-    if not HAS_SKIP_DROPPED:
-        fig.text(0.99, 0.01, "skip_dropped: not in this fused_dropout", ha="right", fontsize=8)
+    left.legend(fontsize=8)
+    ticks = [n.replace("+", "+\n") for n in names]
+    for ax, values, label in (
+        (mid, step_ms, lambda n: f"{step_ms[n]:.1f} ms"),
+        (right, saved, lambda n: f"{saved[n] - saved['timm']:+,.0f} B"),
+    ):
+        ratios = [values[n] / values["timm"] for n in names]
+        bars = ax.bar(ticks, ratios, color=colors)
+        labels = [f"{r:.4f}x\n{label(n)}" for r, n in zip(ratios, names)]
+        ax.bar_label(bars, labels=labels, fontsize=8)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        low, high = min(ratios), max(ratios)
+        pad = max(0.05, (high - low) * 0.25)
+        ax.set_ylim(max(0.0, low - pad), high + pad)  # not from 0: the differences are small
+        ax.set(ylabel="ratio to timm's (lower is better)")
+        ax.tick_params(axis="x", labelsize=8)
+    mid.set_title("median step time, ratio to timm's\n(meaningful on an idle machine only)")
+    right.set_title(
+        f"saved for backward in one forward of {BATCH},\nratio to timm's ({saved['timm']:,.0f} B)"
+    )
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=90)

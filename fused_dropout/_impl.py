@@ -287,6 +287,17 @@ def dropout_add(
     return masked_add(input, residual, bias, p, training, -1, True, seed, offset, generator)
 
 
+def dtype_eps(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).eps`` of a floating dtype, which TorchScript cannot call."""
+    if dtype == torch.float64:
+        return 2.220446049250313e-16
+    if dtype == torch.float16:
+        return 0.0009765625
+    if dtype == torch.bfloat16:
+        return 0.0078125
+    return 1.1920928955078125e-07
+
+
 def dropout_add_norm(
     input: Tensor,
     residual: Tensor | None,
@@ -310,7 +321,7 @@ def dropout_add_norm(
     check_p(p)
     if eps is None:  # torch's RMSNorm: the eps of the normalized tensor's dtype (h's)
         wide = residual_in_fp32 and input.dtype in (torch.float16, torch.bfloat16)
-        eps = torch.finfo(torch.float32 if wide else input.dtype).eps
+        eps = dtype_eps(torch.float32 if wide else input.dtype)
     y, h, _, _, _ = torch.ops.fused_dropout.dropout_add_norm(
         input,
         residual,

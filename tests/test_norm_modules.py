@@ -182,3 +182,12 @@ def test_bad_arguments(kind):
 def test_exported():
     assert {"DropoutAddLayerNorm", "DropoutAddRMSNorm"} <= set(fused_dropout.__all__)
     assert fused_dropout.DropoutAddLayerNorm is fused_dropout.modules.DropoutAddLayerNorm
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+def test_dtype_eps_is_finfos(dtype):
+    """RMSNorm's default eps, written without torch.finfo so that the modules script."""
+    from fused_dropout import _impl
+
+    assert _impl.dtype_eps(dtype) == torch.finfo(dtype).eps
+    assert torch.jit.script(_impl.dtype_eps)(dtype) == torch.finfo(dtype).eps

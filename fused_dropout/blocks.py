@@ -52,11 +52,11 @@ def _hooked(module: nn.Module) -> bool:
 def _fusable_drop(layer: nn.Module) -> Drop | None:
     """(p, training, per_sample) of a drop layer the fused op computes exactly as its forward
     does: element-wise dropout, drop path (scaled by 1/keep), row stochastic depth, Identity."""
+    if _hooked(layer):
+        return None
     if isinstance(layer, nn.Identity):
         return 0.0, False, False
     kind = _layers.layer_kind(layer)
-    if _hooked(layer) or kind is None:
-        return None
     if kind == "Dropout":
         return float(layer.p), layer.training, False
     if kind == "DropPath" and layer.scale_by_keep:
@@ -81,16 +81,23 @@ def _dropout_add_norm(
 ) -> Any:
     """``norm(residual + drop(input + input_bias))`` by the fused op (and the sum if prenorm)."""
     p, training, per_sample = drop
-    dtype = torch.promote_types(input.dtype, residual.dtype)  # as the add promotes (autocast)
-    input, residual = input.to(dtype), residual.to(dtype)
-    if input_bias is not None:
-        input_bias = input_bias.to(dtype)
-    keywords = dict(input_bias=input_bias, per_sample=per_sample, prenorm=prenorm)
+    # Operands in one dtype, as the add promotes them (autocast: a bf16 branch, an fp32
+    # residual); the norm's parameters in it too unless fp32, which the op takes as they are.
+    dtype = torch.promote_types(input.dtype, residual.dtype)
+
+    def cast(t: Tensor | None, keep_fp32: bool = False) -> Tensor | None:
+        if t is None or (keep_fp32 and t.dtype == torch.float32):
+            return t
+        return t.to(dtype)
+
+    keywords = dict(input_bias=cast(input_bias), per_sample=per_sample, prenorm=prenorm)
+    input, residual, weight = cast(input), cast(residual), cast(norm.weight, True)
     if _layers.norm_kind(norm) == "LayerNorm":
+        bias = cast(norm.bias, True)
         return FD.dropout_add_layer_norm(
-            input, residual, norm.weight, norm.bias, p, training, norm.eps, **keywords
+            input, residual, weight, bias, p, training, norm.eps, **keywords
         )
-    return FD.dropout_add_rms_norm(input, residual, norm.weight, p, training, norm.eps, **keywords)
+    return FD.dropout_add_rms_norm(input, residual, weight, p, training, norm.eps, **keywords)
 
 
 class Form:

@@ -444,3 +444,20 @@ def test_hooked_layers_are_not_fused():
     model[0].rms.register_forward_hook(lambda *a: None)
     model[1].drop.register_forward_pre_hook(lambda *a: None)
     assert fused_dropout.convert(model, fuse_norm=True)[1]["not_fused:Output"] == 2
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_autocast_bf16(name):
+    """Under CPU autocast a bf16 branch meets an fp32 residual: the operands are promoted as
+    the add promotes them, so outputs match the unconverted model's in bf16, and it trains."""
+    model, args = (_bert(), (IDS,)) if name == "bert" else (_vit(0.2), (X,))
+    converted, _ = fused_dropout.convert(copy.deepcopy(model), fuse_norm=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = _output(model(*args)), _output(converted(*args))
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=2**-7)
+    converted.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _output(converted(*args)).float().square().mean().backward()
+    grads = [p.grad for p in converted.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

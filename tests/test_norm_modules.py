@@ -184,6 +184,7 @@ def test_exported():
     assert fused_dropout.DropoutAddLayerNorm is fused_dropout.modules.DropoutAddLayerNorm
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:FutureWarning")
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
 def test_dtype_eps_is_finfos(dtype):
     """RMSNorm's default eps, written without torch.finfo so that the modules script."""

@@ -1,15 +1,19 @@
 """Property tests (hypothesis): every public functional op, every low-level op and every module,
 on inputs drawn at random, bit for bit against the independent reference (tests/reference.py).
 
-Drawn: rank 0-5 with sizes 0, 1 and more; layouts from permutations, slices with steps, expanded
-dims, channels-last(-3d) and slices of channels-last tensors; every dtype; p in {0, tiny,
-moderate, 1 - tiny, 1}; mask dims; residual and bias present or not (each with its own layout);
-in-place; NaN/Inf/-0 in the data; explicit ``seed_offset`` up to (2**64 - 1, 2**63 - 4), or the
-generator's draw. Forward and backward are compared with the reference.
+Drawn: rank 0-5; layouts from permutations, slices with steps, expanded dims, channels-last(-3d)
+and slices of channels-last tensors; every dtype; mask dims; residual and bias present or not
+(each with its own layout); in-place; NaN/Inf/-0 in the data; explicit ``seed_offset`` up to
+(2**64 - 1, 2**63 - 4), or the generator's draw. Most examples are mask examples: p in
+[0.1, 0.9] over a mask of 32 elements or more, so that the mask keeps some elements and drops
+others; the rest are edge examples: p in {0, tiny, moderate, 1 - tiny, 1}, sizes 0, 1 and more,
+eval mode. Forward and backward are compared with the reference.
 
 Budget: a fixed one, seeded per test (no example database), so a run is reproducible:
 ``EXAMPLES`` per op in the default run and ``SLOW_EXAMPLES`` under the ``slow`` marker, with other
-seeds. A failure hypothesis finds is turned into a plain regression test at the end of the file.
+seeds. Each property asserts that its budget ran and how its examples exercised the mask: at
+least half with a mixed mask, and some edges (``run_property``). A failure hypothesis finds is
+turned into a plain regression test at the end of the file.
 
 The host-executed CUDA build (tests/cuda_host.py): the kernels of csrc/cuda, unchanged, run on the
 CPU under drawn launch geometries, against the same reference (``check_host_cuda``).
@@ -44,9 +48,22 @@ EXAMPLES = int(os.environ.get("FUSED_DROPOUT_PROPERTY_EXAMPLES", "40"))
 SLOW_EXAMPLES = int(os.environ.get("FUSED_DROPOUT_PROPERTY_SLOW_EXAMPLES", "400"))
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# p: 0 and 1 exactly; tiny (threshold clamps at 2**32 - 1, or one word value dropped); moderate;
-# 1 - tiny (one or a few word values kept).
-P_VALUES = [0.0, 2.0**-40, 2.0**-32, 1e-6, 0.1, 0.5, 0.9, 1 - 1e-6, 1 - 2.0**-32, 1.0]
+# Two kinds of example (is_mask_example). A mask example trains with p from MASK_P over a mask
+# of at least MIN_MASK elements, so that nearly all keep some elements and drop others (all
+# kept: 0.9**32 = 3% at p = 0.1, the bound hypothesis draws most). An edge example takes p from
+# EDGE_P (0 and 1 exactly; tiny: the threshold clamps at 2**32 - 1, or one word value dropped;
+# 1 - tiny: one or a few word values kept; a few moderate ones), any shape (empty, 0-d and
+# size-1 dims included), and eval mode in 1 of 4.
+MASK_P = st.floats(0.1, 0.9)
+MIN_MASK = 32
+EDGE_P = [0.0, 2.0**-40, 2.0**-32, 1e-6, 0.1, 0.5, 0.9, 1 - 1e-6, 1 - 2.0**-32, 1.0]
+# What each property's examples must show (run_property, by mask_kind): at least this share
+# with a mixed mask, and at least this share without (the edges). An op whose mask is one
+# element (stochastic depth, batch mode) cannot mix: each outcome instead.
+MIN_MIXED_SHARE = 0.5
+MIN_EDGE_SHARE = 0.05
+MIN_OUTCOME_SHARE = 0.15
+ONE_ELEMENT_MASK = {"stochastic_depth_batch", "StochasticDepth_batch"}
 SEEDS = st.one_of(
     st.sampled_from([0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]),
     st.integers(0, 2**64 - 1),
@@ -69,17 +86,49 @@ def assert_bitwise(actual, expected, what):
 
 
 # --------------------------------------------------------------------------- strategies
+def is_mask_example(data) -> bool:
+    """A mask example (3 in 4 values), or an edge example (see MASK_P): hypothesis draws the
+    edge's 0 more often than 1 in 4, so about 1 in 3 examples are edges."""
+    return data.draw(st.integers(0, 3), label="mask example") != 0
+
+
+def ranks(mask: bool, lo: int, hi: int):
+    """A tensor's rank: a mask example needs a dim for its mask."""
+    return st.integers(max(lo, 1) if mask else lo, hi)
+
+
+def ps(mask: bool):
+    """p of a mask or an edge example."""
+    return MASK_P if mask else st.sampled_from(EDGE_P)
+
+
+def mask_ndims(mask: bool, rank: int):
+    """The low-level ops' ``mask_ndim``: any (-1: every dim), or one that covers a dim."""
+    return st.sampled_from([-1, *range(1, rank + 1)]) if mask else st.integers(-1, rank)
+
+
+def _fit(dims: list[int], budget: int) -> list[int]:
+    """``dims`` with its largest sizes halved until their product is at most ``budget``."""
+    while math.prod(dims) > budget:
+        i = max(range(len(dims)), key=lambda j: dims[j])
+        dims[i] = max(1, dims[i] // 2)
+    return dims
+
+
 @st.composite
-def shapes(draw, min_rank=0, max_rank=5):
-    rank = draw(st.integers(min_rank, max_rank))
-    sizes = st.one_of(st.sampled_from([0, 1, 1, 2, 3]), st.integers(1, 9))
-    shape = tuple(draw(st.lists(sizes, min_size=rank, max_size=rank)))
-    # Keep examples small: shrink the largest dims until the tensor fits the budget.
-    shape = list(shape)
-    while math.prod(shape) > MAX_NUMEL:
-        i = max(range(rank), key=lambda j: shape[j])
-        shape[i] = max(1, shape[i] // 2)
-    return tuple(shape)
+def shapes(draw, rank, mask_dims=None):
+    """A shape of ``rank`` dims within MAX_NUMEL elements. An edge example (``mask_dims`` None):
+    sizes 0-9, often 0 and 1. A mask example: sizes 1-9, the first of the leading ``mask_dims``
+    (those the mask covers) widened until the mask has MIN_MASK elements."""
+    if mask_dims is None:
+        sizes = st.one_of(st.sampled_from([0, 1, 1, 2, 3]), st.integers(1, 9))
+        return tuple(_fit(draw(st.lists(sizes, min_size=rank, max_size=rank)), MAX_NUMEL))
+    sizes = st.integers(1, 9)
+    mask = _fit(draw(st.lists(sizes, min_size=mask_dims, max_size=mask_dims)), MAX_NUMEL)
+    if mask:
+        mask[0] = max(mask[0], -(-MIN_MASK // math.prod(mask[1:])))
+    rest = draw(st.lists(sizes, min_size=rank - mask_dims, max_size=rank - mask_dims))
+    return tuple(mask + _fit(rest, MAX_NUMEL // math.prod(mask)))
 
 
 LAYOUTS = ["contiguous", "permuted", "sliced", "expanded", "channels_last", "channels_last_sliced"]
@@ -145,6 +194,22 @@ def expected_pair(seed_offset, generator):
     return random64_draw(clone) % 2**64, 0
 
 
+def keep_mask_of(p, s, o, shape, k):
+    """The keep mask a call drew over the leading ``k`` dims of ``shape`` (-1: all), or None
+    if it drew none (p = 0)."""
+    return None if p == 0.0 else ref.keep_mask(s, o, p, shape if k == -1 else shape[:k])
+
+
+def mask_kind(keep) -> str:
+    """How an example exercised the mask: "mixed" (kept and dropped elements), "all kept",
+    "all dropped", or "none" (nothing drawn: eval, p = 0, an empty tensor)."""
+    if keep is None:
+        return "none"
+    if bool(keep.all()):
+        return "all kept"
+    return "all dropped" if not bool(keep.any()) else "mixed"
+
+
 def on_default_generator(generator, call):
     """Run ``call`` (a module, which takes no generator) with the default generator in
     ``generator``'s state."""
@@ -176,13 +241,21 @@ class Masked:
             module,
         )
 
+    def mask_dims(self, rank: int) -> int:
+        """How many leading dims of a rank-``rank`` input the mask covers."""
+        batched = not self.unbatched(rank)
+        k = self.mask_ndim(rank + (not batched))
+        return rank if k == -1 else k - (not batched)
+
     def check(self, data):
         dtype = data.draw(st.sampled_from(DTYPES))
-        shape = data.draw(shapes(*self.ranks))
+        mask = is_mask_example(data)
+        rank = data.draw(ranks(mask, *self.ranks))
+        shape = data.draw(shapes(rank, self.mask_dims(rank) if mask else None))
         inplace = self.inplace and data.draw(st.booleans())
         x = data.draw(tensors(shape, dtype, expand=not inplace))
-        p = data.draw(st.sampled_from(P_VALUES))
-        training = data.draw(st.integers(0, 7)) > 0
+        p = data.draw(ps(mask))
+        training = mask or data.draw(st.integers(0, 3)) > 0
         kwargs = {}
         if self.scale_kw:
             kwargs[self.scale_kw] = data.draw(st.booleans())
@@ -199,7 +272,7 @@ class Masked:
         if not training or p == 0.0 or x.numel() == 0:  # identity: no copy, no kernel
             assert y.data_ptr() == x_in.data_ptr() and y.shape == x.shape
             assert_bitwise(y, x, "identity")
-            return
+            return None
         batched = not self.unbatched(x.dim())
         k = self.mask_ndim(x.dim() + (not batched))
         scale_by_keep = kwargs.get(self.scale_kw, True)
@@ -214,6 +287,7 @@ class Masked:
             g = data.draw(tensors(shape, dtype))
             (gx,) = torch.autograd.grad(y, x_in, g)
             assert_bitwise(gx, expect(g, ref.ref_dropout_backward), "backward")
+        return keep_mask_of(p, s, o, x.shape if batched else (1, *x.shape), k)
 
 
 def _feature(rank):
@@ -329,12 +403,15 @@ class Fused:
 
     def check(self, data):
         dtype = data.draw(st.sampled_from(DTYPES))
-        shape = data.draw(shapes(1 if (self.bias or self.mask_ndim == 1) else 0, 5))
+        mask = is_mask_example(data)
+        rank = data.draw(ranks(mask, 1 if (self.bias or self.mask_ndim == 1) else 0, 5))
+        mask_dims = rank if self.mask_ndim == -1 else self.mask_ndim
+        shape = data.draw(shapes(rank, mask_dims if mask else None))
         x = data.draw(tensors(shape, dtype)).detach().requires_grad_()
         r = data.draw(tensors(shape, dtype)).detach().requires_grad_()
         b = data.draw(tensors(shape[-1:], dtype)).detach().requires_grad_() if self.bias else None
-        p = data.draw(st.sampled_from(P_VALUES))
-        training = data.draw(st.integers(0, 7)) > 0
+        p = data.draw(ps(mask))
+        training = mask or data.draw(st.integers(0, 3)) > 0
         scale_by_keep = data.draw(st.booleans()) if self.scale else True
         seed_offset, generator = pairs(data.draw, explicit=not self.module)
         s, o = expected_pair(seed_offset, generator)
@@ -360,6 +437,7 @@ class Fused:
                 torch.testing.assert_close(
                     grads[2].double(), want, rtol=tol, atol=tol * (1 + size), equal_nan=True
                 )
+        return keep_mask_of(p_run, s, o, shape, k) if x.numel() else None
 
 
 def _fused_module(cls, order):
@@ -418,10 +496,12 @@ def check_op(data, *, inplace=False, add=False):
     """ops.dropout / dropout_ / dropout_add with every mask_ndim, then dropout_backward."""
     dtype = data.draw(st.sampled_from(DTYPES))
     has_bias = add and data.draw(st.booleans())
-    shape = data.draw(shapes(1 if has_bias else 0, 5))
+    mask = is_mask_example(data)
+    rank = data.draw(ranks(mask, 1 if has_bias else 0, 5))
+    k = data.draw(mask_ndims(mask, rank))
+    shape = data.draw(shapes(rank, (rank if k == -1 else k) if mask else None))
     x = data.draw(tensors(shape, dtype, expand=not inplace))
-    k = data.draw(st.integers(-1, len(shape)))
-    p = data.draw(st.sampled_from(P_VALUES))
+    p = data.draw(ps(mask))
     scale_by_keep = data.draw(st.booleans())
     alpha = not add and data.draw(st.booleans())
     seed_offset, generator = pairs(data.draw)
@@ -447,6 +527,7 @@ def check_op(data, *, inplace=False, add=False):
     g = data.draw(tensors(shape, dtype))
     gx = ops.dropout_backward(g, pair, p, k, scale_by_keep, alpha)
     assert_bitwise(gx, ref.ref_dropout_backward(g, p, s, o, k, scale_by_keep, alpha), "backward")
+    return keep_mask_of(p, s, o, shape, k) if x.numel() else None
 
 
 OPS = {
@@ -469,12 +550,14 @@ def check_host_cuda(data, host):
     independent Python, so this is where CUDA can differ."""
     dtype = data.draw(st.sampled_from(DTYPES))
     kind = data.draw(st.sampled_from(["dropout", "dropout_", "backward", "alpha", "add", "bias"]))
-    shape = data.draw(shapes(1 if kind == "bias" else 0, 5))
+    mask = is_mask_example(data)
+    rank = data.draw(ranks(mask, 1 if kind == "bias" else 0, 5))
+    k = data.draw(mask_ndims(mask, rank))
+    shape = data.draw(shapes(rank, (rank if k == -1 else k) if mask else None))
     x = data.draw(tensors(shape, dtype))
     if data.draw(st.booleans()):  # a misaligned start: the vector path's head and tail
         x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(shape) if x.is_contiguous() else x
-    k = data.draw(st.integers(-1, len(shape)))
-    p = data.draw(st.sampled_from(P_VALUES))
+    p = data.draw(ps(mask))
     scale_by_keep = data.draw(st.booleans())
     so = (data.draw(SEEDS), data.draw(OFFSETS))
     geometry = data.draw(
@@ -510,6 +593,7 @@ def check_host_cuda(data, host):
     assert_bitwise(result.out, expected, f"host CUDA {kind} on {geometry.name}")
     if not backward:
         assert result.pair == so, f"pair written by the kernel: {result.pair} != {so}"
+    return keep_mask_of(p, s, o, shape, k) if x.numel() else None
 
 
 def _cuda_host_module():
@@ -554,12 +638,20 @@ def run_property(name: str, examples: int, profile: str, check) -> None:
     )
     @given(st.data())
     def prop(data):
-        calls.append(1)
-        check(data)
+        kinds.append(mask_kind(check(data)))
 
-    calls: list[int] = []
+    kinds: list[str] = []
     prop()
-    assert len(calls) >= examples, f"{name}: only {len(calls)} of {examples} examples ran"
+    n = len(kinds)
+    assert n >= examples, f"{name}: only {n} of {examples} examples ran"
+    tally = {k: kinds.count(k) for k in ("mixed", "all kept", "all dropped", "none")}
+    seen = f"{name}: masks of {n} examples: " + ", ".join(f"{k} {v}" for k, v in tally.items())
+    print(seen)
+    if name in ONE_ELEMENT_MASK:  # a mask example either keeps or drops its one element
+        assert min(tally["all kept"], tally["all dropped"]) >= MIN_OUTCOME_SHARE * n, seen
+    else:
+        assert tally["mixed"] >= MIN_MIXED_SHARE * n, seen
+    assert n - tally["mixed"] >= MIN_EDGE_SHARE * n, seen
 
 
 @pytest.mark.parametrize("name", list(ALL))

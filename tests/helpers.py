@@ -28,6 +28,35 @@ def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str = "ou
         )
 
 
+# A bf16 NaN result has this pattern on every device (README, "Differences from torch").
+BF16_NAN = 0x7FC0
+# bf16 NaNs of either sign, quiet and signalling, with and without payload
+BF16_NAN_INPUTS = (0x7FC0, 0xFFC0, 0x7F81, 0xFFFF, 0x7FA5)
+
+
+def bf16_with_nans(shape, seed=0) -> torch.Tensor:
+    """A bf16 tensor (contiguous) of standard normal values, every 5th element a NaN of one
+    of BF16_NAN_INPUTS in turn, every 7th +inf and -inf in turn (-inf first for an odd
+    ``seed``: two operands of seeds of both parities add up to inf - inf)."""
+    t = randn(shape, torch.bfloat16, seed).view(-1).view(torch.int16)
+    nans = torch.tensor(BF16_NAN_INPUTS, dtype=torch.int32).to(torch.int16)
+    where = torch.arange(0, t.numel(), 5)
+    t[where] = nans.repeat(len(where) // len(nans) + 1)[: len(where)]
+    where = torch.arange(0, t.numel(), 7)
+    signs = torch.tensor([0x7F80, 0xFF80], dtype=torch.int32).to(torch.int16)
+    t[where] = signs.roll(seed % 2).repeat(len(where) // 2 + 1)[: len(where)]
+    return t.view(torch.bfloat16).view(shape)
+
+
+def assert_bf16_nans(actual: torch.Tensor, expected: torch.Tensor, what: str = "output"):
+    """``actual`` is NaN where ``expected`` is (at least once), and every NaN is BF16_NAN."""
+    nan = actual.detach().cpu().isnan()
+    assert torch.equal(nan, expected.isnan()), f"{what}: NaNs at other places"
+    assert bool(nan.any()), f"{what}: no NaN result to check"
+    patterns = sorted({v & 0xFFFF for v in bits(actual)[nan].tolist()})
+    assert patterns == [BF16_NAN], f"{what}: bf16 NaN patterns {[hex(v) for v in patterns]}"
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

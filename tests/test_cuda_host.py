@@ -17,7 +17,7 @@ import cuda_host
 import pytest
 import reference as ref
 import torch
-from helpers import assert_bitwise, randn
+from helpers import assert_bf16_nans, assert_bitwise, bf16_with_nans, randn
 
 from fused_dropout import ops
 
@@ -143,6 +143,8 @@ def run_case(host: cuda_host.HostCuda, case: Case, geometry: cuda_host.Geometry)
     _assert_same(
         got.out, expected, f"{what}: host-executed CUDA vs tests/reference.py", case.special
     )
+    if case.special and case.dtype == torch.bfloat16:
+        assert_bf16_nans(got.out, expected, what)
     if case.op in ("backward", "alpha_backward"):
         assert got.pair is None
     else:
@@ -244,6 +246,30 @@ CASES = _cases()
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kernel_matches_cpu_op_and_reference(host, case, geometry):
     run_case(host, case, geometry)
+
+
+@pytest.mark.parametrize("mask_ndim", [-1, 1])
+@pytest.mark.parametrize("op", ["dropout", "dropout_", "backward", "alpha", "add", "bias_add"])
+def test_bf16_nan_result_is_0x7fc0(host, op, mask_ndim):
+    """A bf16 NaN result is 0x7FC0 (README) whatever NaN it came from (either sign, quiet or
+    signalling, any payload) or inf - inf, on the vector path and the tail; the CPU op gives
+    the same (tests/test_dropout.py)."""
+    x, r, b = bf16_with_nans((9, 131), 1), bf16_with_nans((9, 131), 2), bf16_with_nans((131,), 3)
+    so, p, k = SEED_OFFSET, 0.3, mask_ndim
+    if op in ("add", "bias_add"):
+        b = b if op == "bias_add" else None
+        got = host.masked_op(x, p, mask_ndim=k, residual=r, bias=b, seed_offset=so)
+        expected = ref.ref_dropout_add(x, r, b, p, *so, k)
+    elif op == "backward":
+        got = host.masked_op(x, p, mask_ndim=k, backward=True, seed_offset=DECOY, pair_in=so)
+        expected = ref.ref_dropout_backward(x, p, *so, k)
+    else:
+        alpha = op == "alpha"
+        got = host.masked_op(
+            x, p, mask_ndim=k, alpha=alpha, inplace=op == "dropout_", seed_offset=so
+        )
+        expected = ref.ref_dropout(x, p, *so, k, alpha=alpha)
+    assert_bf16_nans(got.out, expected, f"host-executed CUDA {op}, mask_ndim {k}")
 
 
 def test_launcher_refuses_a_bias_without_a_residual(host):

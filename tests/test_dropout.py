@@ -25,12 +25,13 @@ from torch.utils.checkpoint import checkpoint
 
 import fused_dropout
 from fused_dropout import functional as FD
+from fused_dropout import ops
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 ref = importlib.import_module("reference")  # tests/reference.py, whatever the import mode
-from helpers import assert_bitwise, bits, randn  # noqa: E402
+from helpers import assert_bf16_nans, assert_bitwise, bf16_with_nans, bits, randn  # noqa: E402
 from helpers import gen as _gen  # noqa: E402
 from helpers import run_steps as _run_steps  # noqa: E402
 
@@ -493,6 +494,80 @@ def test_nan_inf_in_dropped_elements_give_zero(dtype):
     (gx,) = torch.autograd.grad(y, x, g)
     assert bool((bits(gx)[~mask] == 0).all()), "backward: dropped NaN/Inf grads must give +0"
     assert bool(gx[mask].isnan().eq(g[mask].isnan()).all())
+
+
+def _bf16_nan_cases():
+    """name -> call() -> (output, reference): every op whose bf16 result can be NaN, through
+    every CPU path: whole blocks and the tail, runs sharing a flag (mask over samples), the
+    channels of a channels-last tensor, the alpha map, in place, backward, the fused adds (a
+    kept NaN, a NaN residual, inf - inf with the residual or the bias), p = 0's fused add."""
+    so, p = (77, 8), 0.3
+    # rows of 517: whole blocks inside a row (bias), a row's tail of 5 (per-sample runs)
+    x, r, b = bf16_with_nans((40, 517), 1), bf16_with_nans((40, 517), 2), bf16_with_nans((517,), 3)
+    cl = torch.channels_last
+    xc, rc = (bf16_with_nans((6, 8, 5, 7), s).contiguous(memory_format=cl) for s in (4, 5))
+    pair = torch.tensor([so[0], so[1]])
+
+    def dropout_(t):
+        out = t.clone()
+        ops.dropout_(out, p, seed_offset=so)
+        return out
+
+    return {
+        "dropout": lambda: (ops.dropout(x, p, seed_offset=so)[0], ref.ref_dropout(x, p, *so)),
+        "dropout_samples": lambda: (
+            ops.dropout(x, p, 1, seed_offset=so)[0],
+            ref.ref_dropout(x, p, *so, 1),
+        ),
+        "dropout_channels_last": lambda: (
+            ops.dropout(xc, p, 2, seed_offset=so)[0],
+            ref.ref_dropout(xc, p, *so, 2),
+        ),
+        "alpha_dropout": lambda: (
+            ops.dropout(x, p, alpha=True, seed_offset=so)[0],
+            ref.ref_dropout(x, p, *so, alpha=True),
+        ),
+        "dropout_": lambda: (dropout_(x), ref.ref_dropout(x, p, *so)),
+        "backward": lambda: (
+            ops.dropout_backward(x, pair, p),
+            ref.ref_dropout_backward(x, p, *so),
+        ),
+        "backward_samples": lambda: (
+            ops.dropout_backward(x, pair, p, 1),
+            ref.ref_dropout_backward(x, p, *so, 1),
+        ),
+        "dropout_add": lambda: (
+            ops.dropout_add(x, r, None, p, seed_offset=so)[0],
+            ref.ref_dropout_add(x, r, None, p, *so),
+        ),
+        "dropout_add_channels_last": lambda: (
+            ops.dropout_add(xc, rc, None, p, 2, seed_offset=so)[0],
+            ref.ref_dropout_add(xc, rc, None, p, *so, 2),
+        ),
+        "bias_dropout_add": lambda: (
+            ops.dropout_add(x, r, b, p, seed_offset=so)[0],
+            ref.ref_dropout_add(x, r, b, p, *so),
+        ),
+        "bias_dropout_add_samples": lambda: (
+            ops.dropout_add(x, r, b, p, 1, seed_offset=so)[0],
+            ref.ref_dropout_add(x, r, b, p, *so, 1),
+        ),
+        "dropout_add_p0": lambda: (
+            ops.dropout_add(x, r, None, 0.0, seed_offset=so)[0],
+            ref.ref_dropout_add(x, r, None, 0.0, *so),
+        ),
+        "bias_dropout_add_p0": lambda: (
+            ops.dropout_add(x, r, b, 0.0, seed_offset=so)[0],
+            ref.ref_dropout_add(x, r, b, 0.0, *so),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bf16_nan_cases()))
+def test_bf16_nan_result_is_0x7fc0(case):
+    """A bf16 NaN result is 0x7FC0 (README), whatever NaN, if any, it came from."""
+    out, expected = _bf16_nan_cases()[case]()
+    assert_bf16_nans(out, expected, case)
 
 
 @pytest.mark.parametrize("shape", [(0,), (0, 3), (2, 0, 5)])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -69,6 +70,8 @@ class Kernel:
     path_instrs: int = 0  # SASS instructions of one turn of the steady-state vector path
     path_imads: int = 0  # the IMADs among them (any IMAD.* form)
     path_calls: int = 0  # subroutine calls on it (uncounted instructions: check() rejects them)
+    path_philox_muls: int = 0  # Philox multiplies on it
+    path_draw_skips: int = 0  # its branches that could go round the loop without its draws
 
     @property
     def spill_bytes(self) -> int:
@@ -285,13 +288,78 @@ def _branch(ins: str) -> tuple[int | None, bool, bool]:
     return None, False, False
 
 
-def steady_state_path(instrs: list[tuple[int, str]], loads: int, stores: int, calls: int):
+@dataclasses.dataclass
+class _Block:
+    """A basic block of a loop body: its instructions (no NOPs), tallies and successors."""
+
+    text: list[str]
+    philox: int  # Philox multiplies
+    ldg128: int
+    stg128: int
+    succ: list[int]  # later blocks of the loop it can go on to
+    back: bool  # it ends the loop turn (the back edge)
+
+
+@dataclasses.dataclass
+class SteadyPath:
+    instrs: list[str]
+    philox_muls: int
+    draw_skips: int  # branches on it that could go round the loop without its draws
+
+
+def _loop_blocks(instrs: list[tuple[int, str]], lo: int, hi: int) -> dict[int, _Block]:
+    """The blocks of the loop from instruction lo to its back edge at hi, by first index;
+    edges forward only (a path is one turn)."""
+    index = {a: i for i, (a, _) in enumerate(instrs)}
+    leaders = {lo}  # loop start, branch targets and instructions after a branch
+    for i in range(lo, hi + 1):
+        target, _, _ = _branch(instrs[i][1])
+        if target is not None or opcode(instrs[i][1]).startswith(("BRA", "EXIT")):
+            leaders.add(i + 1)
+            if target is not None and target in index and lo <= index[target] <= hi:
+                leaders.add(index[target])
+    starts = sorted(x for x in leaders if x <= hi)
+    blocks = {}
+    for k, b in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else hi + 1
+        block = blocks[b] = _Block([], 0, 0, 0, [], False)
+        for i in range(b, end):
+            ins = instrs[i][1]
+            if opcode(ins) == "NOP":
+                continue
+            op = opcode(ins)
+            block.text.append(ins)
+            block.philox += _is_philox_mul(ins)
+            block.ldg128 += op.startswith("LDG.") and ".128" in op
+            block.stg128 += op.startswith("STG.") and ".128" in op
+            target, conditional, stops = _branch(ins)
+            if i == hi:  # a conditional back edge can also fall out of the loop: a turn ends
+                block.back = True
+                break
+            if stops:
+                break
+            if target is not None:
+                if target in index and i < index[target] <= hi:
+                    block.succ.append(index[target])
+                if not conditional:
+                    break
+        else:
+            if end <= hi:
+                block.succ.append(end)
+    return blocks
+
+
+def steady_state_path(instrs: list[tuple[int, str]], loads: int, stores: int) -> SteadyPath | None:
     """The instructions one thread executes per iteration of the grid-stride loop on its
-    common path: the shortest way round the loop (header to back edge) that issues
-    ``loads`` 128-bit loads, ``stores`` 128-bit stores and the Philox multiplies of
-    ``calls`` first-draw calls (19 each: the first round's multiply of the uniform
-    counter word o_lo is hoisted out of the loop). So the scalar tail, the p == 0 path
-    (no Philox) and the tie path (another call) are all excluded. None if no such loop."""
+    common path: of the ways round the loop (header to back edge) that issue ``loads``
+    128-bit loads and ``stores`` 128-bit stores and draw (run Philox multiplies), the
+    shortest of those that draw least. So the scalar tail, the p == 0 path (no Philox) and
+    the tie path (more calls) are excluded, without assuming what the path draws: for the
+    first-draw calls of a tile (one per 8 elements) it has 19-20 multiplies each (the first
+    round's multiply of the uniform counter word o_lo may be hoisted out of the loop). Also
+    counts the branches on the path that could go round the loop, loads and stores
+    included, without its draws: one in a correct kernel, its p == 0 test; a kernel that
+    draws only in its tie branch has another, the tie test. None if no such loop."""
     addrs = [a for a, _ in instrs]
     index = {a: i for i, a in enumerate(addrs)}
     back_edges = [
@@ -299,71 +367,60 @@ def steady_state_path(instrs: list[tuple[int, str]], loads: int, stores: int, ca
         for addr, ins in instrs
         if (target := _branch(ins)[0]) is not None and target <= addr and target in index
     ]
-    need = (19 * calls, loads, stores)
-
-    def tally(ins: str) -> tuple[int, int, int]:
-        op = opcode(ins)
-        return (
-            int(_is_philox_mul(ins)),
-            int(op.startswith("LDG.") and ".128" in op),
-            int(op.startswith("STG.") and ".128" in op),
-        )
-
-    best = None
+    need = (loads, stores)
     for head, tail in sorted(back_edges, key=lambda e: e[0] - e[1]):  # widest loop first
         lo, hi = index[head], index[tail]
-        # leaders: loop start, branch targets and instructions after a branch
-        leaders = {lo}
-        for i in range(lo, hi + 1):
-            target, conditional, _ = _branch(instrs[i][1])
-            if target is not None or opcode(instrs[i][1]).startswith(("BRA", "EXIT")):
-                leaders.add(i + 1)
-                if target is not None and target in index and lo <= index[target] <= hi:
-                    leaders.add(index[target])
-        starts = sorted(x for x in leaders if x <= hi)
-        # DP over the loop body's blocks in address order (forward edges only):
-        # state (capped tallies) -> (instruction count, path)
-        states: dict[int, dict[tuple, tuple[int, list[str]]]] = {lo: {(0, 0, 0): (0, [])}}
-        for k, b in enumerate(starts):
-            end = starts[k + 1] if k + 1 < len(starts) else hi + 1
-            for key, (cnt, path) in list(states.get(b, {}).items()):
-                t, n, p = list(key), cnt, list(path)
-                reached_tail = False
-                succ = []
-                for i in range(b, end):
-                    ins = instrs[i][1]
-                    if opcode(ins) == "NOP":
-                        continue
-                    d = tally(ins)
-                    t = [min(x + y, c) for x, y, c in zip(t, d, need)]
-                    n += 1
-                    p.append(ins)
-                    target, conditional, stops = _branch(ins)
-                    if i == hi:
-                        reached_tail = True
-                        break
-                    if stops:
-                        break
-                    if target is not None:
-                        if target in index and index[target] > i and index[target] <= hi:
-                            succ.append(index[target])
-                        if not conditional:
-                            break
-                else:
-                    if end <= hi:
-                        succ.append(end)
-                if reached_tail:
-                    if tuple(t) == need and (best is None or n < best[0]):
-                        best = (n, p)
-                    # a conditional back edge can also fall through out of the loop
+        blocks = _loop_blocks(instrs, lo, hi)
+        # DP over the blocks in address order: state (Philox multiplies, capped loads and
+        # stores) -> (instruction count, blocks taken)
+        states: dict[int, dict[tuple, tuple[int, list[int]]]] = {lo: {(0, 0, 0): (0, [])}}
+        best = None
+        for b in sorted(blocks):
+            block = blocks[b]
+            for (ph, ld, st), (n, path) in list(states.get(b, {}).items()):
+                key = (
+                    ph + block.philox,
+                    min(ld + block.ldg128, loads),
+                    min(st + block.stg128, stores),
+                )
+                n, path = n + len(block.text), [*path, b]
+                if block.back:
+                    if key[1:] == need and key[0] > 0 and (best is None or (key[0], n) < best[0]):
+                        best = ((key[0], n), path)
                     continue
-                for sb in succ:
-                    slot = states.setdefault(sb, {})
-                    if tuple(t) not in slot or slot[tuple(t)][0] > n:
-                        slot[tuple(t)] = (n, list(p))
+                for s in block.succ:
+                    slot = states.setdefault(s, {})
+                    if key not in slot or slot[key][0] > n:
+                        slot[key] = (n, path)
         if best is not None:
-            return best[1]
+            (philox, _), path = best
+            text = [ins for b in path for ins in blocks[b].text]
+            return SteadyPath(text, philox, _draw_skips(blocks, path, need))
     return None
+
+
+def _draw_skips(blocks: dict[int, _Block], path: list[int], need: tuple[int, int]) -> int:
+    """Branches on ``path`` whose other way goes round the loop, with the loads and stores,
+    without a Philox multiply, while the path draws after them."""
+
+    @functools.cache
+    def drawless(b: int, ld: int, st: int) -> bool:
+        block = blocks[b]
+        if block.philox:
+            return False
+        ld, st = min(ld + block.ldg128, need[0]), min(st + block.stg128, need[1])
+        if block.back:
+            return (ld, st) == need
+        return any(drawless(s, ld, st) for s in block.succ)
+
+    skips, ld, st = 0, 0, 0
+    for i, b in enumerate(path[:-1]):
+        block = blocks[b]
+        ld, st = min(ld + block.ldg128, need[0]), min(st + block.stg128, need[1])
+        draws_later = any(blocks[later].philox for later in path[i + 1 :])
+        others = [s for s in block.succ if s != path[i + 1]]
+        skips += draws_later and any(drawless(s, ld, st) for s in others)
+    return skips
 
 
 def demangle(names: list[str], src: Path = ROOT / "csrc") -> dict[str, str]:
@@ -477,11 +534,12 @@ def _model_path(k: Kernel, instrs: list[tuple[int, str]]) -> None:
     # operands moved as 16-byte vectors: x, the residual, and a bias row whose length is a
     # multiple of the tile (every tile then lies in one row: dropout.cu's bias_tiled)
     operands = 1 + residual + bias
-    path = steady_state_path(instrs, vectors * operands, vectors, tile // MASK_PER_CALL)
+    path = steady_state_path(instrs, vectors * operands, vectors)
     if path is not None:
-        k.tile, k.path_instrs = tile, len(path)
-        k.path_imads = sum(opcode(i).startswith("IMAD") for i in path)
-        k.path_calls = count_calls(path)
+        k.tile, k.path_instrs = tile, len(path.instrs)
+        k.path_imads = sum(opcode(i).startswith("IMAD") for i in path.instrs)
+        k.path_calls = count_calls(path.instrs)
+        k.path_philox_muls, k.path_draw_skips = path.philox_muls, path.draw_skips
 
 
 def count_calls(path: list[str]) -> int:
@@ -601,12 +659,30 @@ def is_contiguous(k: Kernel) -> bool:
 
 
 def check(kernels: list[Kernel], contiguous=is_contiguous) -> list[str]:
-    """Violations of DESIGN.md s.7: spills anywhere; scalar I/O in a contiguous kernel; a
-    subroutine call (a 64-bit division, say) in a steady-state loop the model counts."""
+    """Violations of DESIGN.md s.7: spills anywhere; scalar I/O in a contiguous kernel; an
+    element-wise kernel without a steady-state path, or whose path does not run one Philox
+    call per 8 elements (19-20 multiplies each: see steady_state_path) or can skip them
+    otherwise than by the p == 0 test; a subroutine call (a 64-bit division, say) in a
+    steady-state loop the model counts."""
     problems = []
     for k in kernels:
         if k.spill_bytes or k.local:
             problems.append(f"{k.arch} {k.name}: {k.spill_bytes} B spilled, {k.local} B local")
+        flags = kernel_flags(k.name)
+        if flags and flags[1]:
+            calls = TILE[flags[0]] // MASK_PER_CALL
+            if not k.tile:
+                problems.append(f"{k.arch} {k.name}: no steady-state path found")
+            elif not 19 * calls <= k.path_philox_muls <= 20 * calls:
+                problems.append(
+                    f"{k.arch} {k.name}: {k.path_philox_muls} Philox multiplies on the "
+                    f"steady-state path, not {calls} call(s) of 19-20 (one per 8 elements)"
+                )
+            elif k.path_draw_skips != 1:
+                problems.append(
+                    f"{k.arch} {k.name}: {k.path_draw_skips} branches skip the steady-state "
+                    "path's Philox calls, not 1 (the p == 0 test)"
+                )
         if k.path_calls:
             problems.append(
                 f"{k.arch} {k.name}: {k.path_calls} subroutine call(s) on the steady-state path"

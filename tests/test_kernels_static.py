@@ -1,7 +1,9 @@
 """Static checks of the CUDA kernels, from their binaries (no GPU needed; nvcc and cuobjdump).
 
-For every arch we ship: no register spills, and 16-byte global loads and stores in the
-contiguous kernels (bench/kernels.py compiles csrc/cuda/*.cu and reads the SASS).
+For every arch we ship: no register spills, 16-byte global loads and stores in the
+contiguous kernels, and one Philox call per 8 elements on the steady-state path of every
+element-wise kernel (bench/kernels.py compiles csrc/cuda/*.cu and reads the SASS). A planted
+bug shows that the Philox check can fail.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import cuda_host
 import pytest
 import torch
 
@@ -21,6 +25,14 @@ sys.path.insert(0, str(REPO))
 from bench import kernels  # noqa: E402
 
 torch_version_cuda = torch.version.cuda
+
+# The planted bug of the Philox check: no first draw (a constant block), only the tie draw.
+NO_FIRST_DRAW = cuda_host.Mutation(
+    "no first draw",
+    "cuda/dropout.cu",
+    "const PhiloxBlock b = stream.group(g);",
+    "const PhiloxBlock b = {{0x3C6EF372u, 0xA54FF53Au, 0x510E527Fu, 0x9B05688Cu}};",
+)
 
 needs_tools = pytest.mark.skipif(
     kernels.find_tool("nvcc") is None or kernels.find_tool("cuobjdump") is None,
@@ -31,17 +43,13 @@ needs_tools = pytest.mark.skipif(
 @needs_tools
 @pytest.mark.parametrize("arch", kernels.ARCHS)
 def test_kernels_do_not_spill_and_use_vector_io(arch):
+    """kernels.check: no spills, 16-byte I/O; contract v2's one Philox call per 8 mask
+    elements on each element-wise kernel's steady-state path (a tile of 16 fp16/bf16 or 8
+    fp32/fp64 elements: 2 or 1 calls), which only its p == 0 test skips."""
     found = kernels.analyze(arch)
     assert found, "no kernels in csrc/cuda/*.cu"
     assert kernels.check(found) == []
     assert all(k.philox_calls >= 1 for k in found)
-    # contract v2: one Philox call per 8 mask elements, so an element-wise tile of 16
-    # fp16/bf16 or 8 fp32 elements makes 2 or 1 first-draw calls (plus the tie draw's)
-    for k in found:
-        flags = kernels.kernel_flags(k.name)
-        if flags and flags[1]:
-            calls = kernels.TILE[flags[0]] // kernels.MASK_PER_CALL
-            assert k.philox_rounds >= 10 * calls - 0.5, k.name
 
 
 @needs_tools
@@ -66,6 +74,27 @@ def test_throughput_model_finds_the_steady_state_path_of_every_elementwise_kerne
     for dtype in ("half", "bfloat16"):
         (dropout,) = [k for k in elementwise if k.name == f"masked_kernel<{dtype}, 1, 0, 0, 0>"]
         assert dropout.instrs_per_element <= 16.5, dropout.instrs_per_element
+
+
+@pytest.mark.slow
+@needs_tools
+def test_philox_check_fails_when_the_first_draw_is_gone(tmp_path):
+    """Issue 20's planted bug: the first draw replaced by a constant block, so that the
+    steady-state path runs no Philox and only the tie branch draws. Counting the whole
+    kernel's multiplies passed it; the steady-state path's count (fp16/bf16: one call, not
+    two) and its second way round the draws (the tie test; fp32/fp64) fail it."""
+    src = tmp_path / "csrc"
+    shutil.copytree(REPO / "csrc", src)
+    kernel = src / NO_FIRST_DRAW.path
+    kernel.write_text(NO_FIRST_DRAW.apply(kernel.read_text()))
+    found = kernels.analyze("sm_90", src)
+    problems = kernels.check(found)
+    elementwise = [k for k in found if (f := kernels.kernel_flags(k.name)) and f[1]]
+    assert len(elementwise) == 16
+    for k in elementwise:
+        dtype = kernels.kernel_flags(k.name)[0]
+        expected = "Philox multiplies" if dtype in ("half", "bfloat16") else "branches skip"
+        assert any(f" {k.name}: " in p and expected in p for p in problems), (k.name, problems)
 
 
 @pytest.mark.slow

@@ -67,23 +67,26 @@ PAIR_OPS = {
         lambda s, o: ref.ref_dropout_add(X, R, B, 0.4, s, o, 1),
     ),
 }
-# Every public functional op and module (outputs checked only for being a valid mask).
-FUNCTIONAL = [
-    lambda: FD.dropout(X, 0.4),
-    lambda: FD.alpha_dropout(X, 0.4, True),
-    lambda: FD.dropout1d(X, 0.4),
-    lambda: FD.dropout2d(X[None], 0.4)[0],
-    lambda: FD.dropout3d(X[None, None], 0.4)[0, 0],
-    lambda: FD.feature_alpha_dropout(X, 0.4, True),
-    lambda: FD.drop_path(X, 0.4, True),
-    lambda: FD.stochastic_depth(X, 0.4, "row"),
-    lambda: FD.drop_path_add(R, X, 0.4),
-    lambda: FD.dropout_add(X, R, 0.4),
-    lambda: FD.bias_dropout_add(X, B, R, 0.4),
-    lambda: fused_dropout.Dropout(0.4)(X),
-    lambda: fused_dropout.DropPath(0.4)(X),
-    lambda: fused_dropout.BiasDropoutAdd(0.4)(X, B, R),
-]
+# Every public functional op and module, on the default generator: they do not return their
+# pair, so the draw each call took is found from its output (a mask of 64 elements or more
+# tells the draws apart), by replaying the generator's draws.
+XF, RF, BF = x_of((64, 2, 3), seed=3), x_of((64, 2, 3), seed=4), x_of((3,), seed=5)
+FUNCTIONAL = {
+    "dropout": lambda: FD.dropout(XF, 0.4),
+    "alpha_dropout": lambda: FD.alpha_dropout(XF, 0.4, True),
+    "dropout1d": lambda: FD.dropout1d(XF, 0.4),
+    "dropout2d": lambda: FD.dropout2d(XF[..., None], 0.4),
+    "dropout3d": lambda: FD.dropout3d(XF[..., None, None], 0.4),
+    "feature_alpha_dropout": lambda: FD.feature_alpha_dropout(XF, 0.4, True),
+    "drop_path": lambda: FD.drop_path(XF, 0.4, True),
+    "stochastic_depth": lambda: FD.stochastic_depth(XF, 0.4, "row"),
+    "drop_path_add": lambda: FD.drop_path_add(RF, XF, 0.4),
+    "dropout_add": lambda: FD.dropout_add(XF, RF, 0.4),
+    "bias_dropout_add": lambda: FD.bias_dropout_add(XF, BF, RF, 0.4),
+    "Dropout": lambda: fused_dropout.Dropout(0.4)(XF),
+    "DropPath": lambda: fused_dropout.DropPath(0.4)(XF),
+    "BiasDropoutAdd": lambda: fused_dropout.BiasDropoutAdd(0.4)(XF, BF, RF),
+}
 
 
 def run_threads(work) -> list:
@@ -111,8 +114,9 @@ def run_threads(work) -> list:
 
 
 def calls_of_every_op(generator, functional=True):
-    """ROUNDS rounds of every op; the (name, output, pair) of those that return their pair."""
-    out = []
+    """ROUNDS rounds of every op: the (name, output, pair) of those that return their pair,
+    then with ``functional`` the (name, output) of the FUNCTIONAL calls."""
+    out, outputs = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(ROUNDS):
@@ -120,26 +124,51 @@ def calls_of_every_op(generator, functional=True):
                 y, pair = call(generator)
                 out.append((name, y, tuple(pair.tolist())))
             if functional:
-                for call in FUNCTIONAL:
-                    y = call()
-                    assert y.shape == X.shape and torch.isfinite(y).all()
-    return out
+                outputs += [(name, call()) for name, call in FUNCTIONAL.items()]
+    return (out, outputs) if functional else out
+
+
+def draws_of(outputs, states: dict[int, torch.Tensor]) -> list[int]:
+    """For each (name, output) of a FUNCTIONAL call, the draw k that gives that output when
+    the default generator is in ``states[k]`` (the state before the generator's k-th draw),
+    or -1 if none does. A mask tells its draws apart: no two give the same output."""
+    found = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, call in FUNCTIONAL.items():
+            for k, state in states.items():
+                torch.default_generator.set_state(state)
+                key = (name, call().numpy().tobytes())
+                assert key not in found, f"{name}: draws {found[key]} and {k} give one output"
+                found[key] = k
+    return [found.get((name, y.numpy().tobytes()), -1) for name, y in outputs]
 
 
 def test_threads_on_the_default_generator_never_share_a_pair():
+    """8 threads call every op at once on the default generator: each call takes one random64
+    draw of it, the draws are its first ones, each taken once (none repeated, none lost,
+    the FUNCTIONAL calls' included), and the generator ends after that many draws."""
     torch.manual_seed(123)
     start = torch.default_generator.get_state()
     results = run_threads(lambda i: calls_of_every_op(None))
-    calls = [c for r in results for c in r]
-    pairs = [pair for _, _, pair in calls]
-    assert len(set(pairs)) == len(pairs), "two calls used the same pair"
-    # Each call took one random64 draw of the generator, none lost or repeated: the seeds are
-    # the first draws of the generator, in some order.
+    end = torch.default_generator.get_state()
+    calls = [c for r, _ in results for c in r]
+    outputs = [o for _, r in results for o in r]
     replay = torch.Generator()
     replay.set_state(start)
-    drawn = len(pairs) + THREADS * ROUNDS * len(FUNCTIONAL)
-    expected = {random64_draw(replay) for _ in range(drawn)}
-    assert {s for s, _ in pairs} <= expected and all(o == 0 for _, o in pairs)
+    states, seeds = {}, []
+    for k in range(len(calls) + len(outputs)):
+        states[k] = replay.get_state()
+        seeds.append(random64_draw(replay))
+    assert torch.equal(end, replay.get_state()), "the generator ended elsewhere"
+    assert len(set(seeds)) == len(seeds)
+    pairs = [pair for _, _, pair in calls]
+    assert all(o == 0 for _, o in pairs)
+    taken = [seeds.index(s) if s in seeds else -1 for s, _ in pairs]
+    rest = {k: s for k, s in states.items() if k not in taken}
+    taken += draws_of(outputs, rest)
+    assert -1 not in taken, f"{taken.count(-1)} calls used no draw of the generator"
+    assert sorted(taken) == list(range(len(seeds))), "draws repeated or lost"
     for name, y, (s, o) in calls[:: max(1, len(calls) // 60)]:  # outputs are those of the pair
         assert_bitwise(y, PAIR_OPS[name][1](s, o), name)
 

@@ -593,8 +593,8 @@ def _seeded(which, so):
 
 
 @pytest.mark.parametrize(
-    "so", [(0, 0), (1, 0)], ids=["batch_kept", "batch_dropped"]
-)  # keep_mask(seed, 0, 0.5, ()) is True for seed 0 and False for seed 1
+    "so, batch_kept", [((1, 0), True), ((0, 0), False)], ids=["batch_kept", "batch_dropped"]
+)
 @pytest.mark.parametrize(
     "which",
     [
@@ -605,7 +605,12 @@ def _seeded(which, so):
         "drop_path_add",
     ],
 )
-def test_gradcheck_gradgradcheck(which, so):
+def test_gradcheck_gradgradcheck(which, so, batch_kept):
+    """Each pair keeps some of the 6 samples and drops others; in batch mode the first keeps
+    the batch and the second drops it."""
+    mask = ref.keep_mask(*so, 0.5, (6,))
+    assert mask.any() and not mask.all()
+    assert bool(ref.keep_mask(*so, 0.5, ())) == batch_kept
     x = randn((6, 3), torch.float64, 1).requires_grad_()
     r = randn((6, 3), torch.float64, 2).requires_grad_()
     args = (x, r) if which == "drop_path_add" else (x,)

@@ -29,7 +29,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 ref = importlib.import_module("reference")  # tests/reference.py, whatever the import mode
-from helpers import assert_bitwise, randn  # noqa: E402
+from helpers import assert_bitwise, randn, random64_draw  # noqa: E402
 from helpers import gen as _gen  # noqa: E402
 
 OPS = torch.ops.fused_dropout
@@ -117,13 +117,6 @@ def dropped_value(fn: str, p: float) -> float:
         return 0.0
     a = 1.0 / math.sqrt((ref.ALPHA * ref.ALPHA * p + 1.0) * (1.0 - p))
     return float(torch.tensor(ref.ALPHA * a * (p - 1.0), dtype=torch.float64).float())
-
-
-def random64_draw(gen: torch.Generator | None) -> int:
-    """One random64() draw of a CPU generator, as int64 (the contract's CPU seed)."""
-    t = torch.empty((), dtype=torch.int64)
-    t.random_(-(2**63), None, generator=gen)  # full 64-bit range == random64()
-    return int(t)
 
 
 # ---------------------------------------------------- bitwise equality with the reference

@@ -511,8 +511,9 @@ def test_rewired_block_trains_like_the_converted_block(name):
     torch.testing.assert_close(gx2, gx, rtol=1e-4, atol=1e-4)
     for g, g2 in zip(gp, gp2):  # sums over many rows: rounding relative to the largest term
         torch.testing.assert_close(g2, g, rtol=1e-3, atol=1e-4 * float(g.abs().max()))
-    untouched = (y == x).flatten(1).all(1)
+    untouched = (y == x).flatten(1).all(1)  # every residual of these samples dropped
     assert 0 < int(untouched.sum()) < len(x)  # some samples skipped every branch, not all
+    assert_bitwise(y2[untouched], x[untouched], "samples that skip every branch")
 
 
 def test_batchnorm_blocks_are_left_unless_asked():

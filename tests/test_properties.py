@@ -11,8 +11,8 @@ eval mode. Forward and backward are compared with the reference.
 
 Budget: a fixed one, seeded per test (no example database), so a run is reproducible:
 ``EXAMPLES`` per op in the default run and ``SLOW_EXAMPLES`` under the ``slow`` marker, with other
-seeds. Each property asserts that its budget ran and how its examples exercised the mask: at
-least half with a mixed mask, and some edges (``run_property``). A failure hypothesis finds is
+seeds. Each property asserts that its budget ran and how its examples exercised the mask: a
+large share with a mixed mask, and some edges (``run_property``). A failure hypothesis finds is
 turned into a plain regression test at the end of the file.
 
 The host-executed CUDA build (tests/cuda_host.py): the kernels of csrc/cuda, unchanged, run on the
@@ -59,10 +59,12 @@ MIN_MASK = 32
 EDGE_P = [0.0, 2.0**-40, 2.0**-32, 1e-6, 0.1, 0.5, 0.9, 1 - 1e-6, 1 - 2.0**-32, 1.0]
 # What each property's examples must show (run_property, by mask_kind): at least this share
 # with a mixed mask, and at least this share without (the edges). An op whose mask is one
-# element (stochastic depth, batch mode) cannot mix: each outcome instead.
-MIN_MIXED_SHARE = 0.5
-MIN_EDGE_SHARE = 0.05
-MIN_OUTCOME_SHARE = 0.15
+# element (stochastic depth, batch mode) cannot mix: each outcome instead. Measured: 52-95% of
+# 40 examples mixed, 64-86% of 400 (0-22% and 2-11% before issue 20); the floors leave room
+# for hypothesis's spread over 40 examples.
+MIN_MIXED_SHARE = 0.4
+MIN_EDGE_SHARE = 0.025
+MIN_OUTCOME_SHARE = 0.1
 ONE_ELEMENT_MASK = {"stochastic_depth_batch", "StochasticDepth_batch"}
 SEEDS = st.one_of(
     st.sampled_from([0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]),

@@ -1,14 +1,16 @@
 """Packaging for fused_dropout (metadata lives in pyproject.toml).
 
 Default: a pure-Python install. The C++/CUDA sources (csrc/) are shipped inside the package
-(fused_dropout/csrc) and compiled on first import (fused_dropout/_loader.py).
+(fused_dropout/csrc) and compiled on first import (fused_dropout/_loader/).
 
-Ahead of time: ``FUSED_DROPOUT_AOT=1 pip install --no-build-isolation .`` compiles the extension
-into ``fused_dropout/_C*.so`` with torch.utils.cpp_extension, which the loader then uses. It
-follows the loader's rules and flags (imported from _loader.py, the one place they are
-defined), without -march=native since a built wheel may run on another CPU: CUDA kernels when
-torch is a CUDA build, nvcc is found (CUDA_HOME, /usr/local/cuda, PATH) and a GPU is visible or
-FUSED_DROPOUT_BUILD_CUDA=1; TORCH_CUDA_ARCH_LIST is honoured, default "8.0;9.0+PTX" with no GPU.
+Ahead of time: ``FUSED_DROPOUT_AOT=1 pip install --no-build-isolation .`` (or ``pip wheel``)
+compiles the extension into ``fused_dropout/_C*.so``, which the loader then uses: a wheel that
+imports with no compiler. It follows the loader's rules and flags (fused_dropout/_loader/
+config.py, the one place they are defined) and carries every CPU path (the kernel files
+compiled once per CPU capability, _loader/cpu_kernels.py), chosen when it loads. CUDA kernels
+when torch is a CUDA build, nvcc is found (CUDA_HOME, /usr/local/cuda, PATH) and a GPU is
+visible or FUSED_DROPOUT_BUILD_CUDA=1; TORCH_CUDA_ARCH_LIST is honoured, else the wheel's list
+(config.WHEEL_CUDA_ARCH_LIST: sm_80, sm_90, sm_100, sm_120 and PTX).
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 
 
-def _loader_module():
-    """fused_dropout/_loader.py, imported without running the package's __init__."""
+def _loader_package():
+    """fused_dropout/_loader/, imported without running the package's __init__ (which loads the
+    library, or builds it)."""
     name = "_fused_dropout_loader_for_setup"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "fused_dropout" / "_loader.py")
+    path = ROOT / "fused_dropout" / "_loader"
+    spec = importlib.util.spec_from_file_location(
+        name, path / "__init__.py", submodule_search_locations=[str(path)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -53,12 +59,12 @@ class BuildPyWithSources(build_py):
 
 
 def _aot_extension():
-    loader = _loader_module()
-    cfg = loader.build_config(ROOT / "csrc", native=False)  # same CUDA rules as the JIT build
+    loader = _loader_package()
+    cfg = loader.build_config(ROOT / "csrc", wheel=True)  # the JIT build's rules
     if cfg.with_cuda:
         # before importing cpp_extension, which guesses CUDA_HOME once at import
         os.environ["CUDA_HOME"] = cfg.cuda_home
-        if cfg.arch_list is not None:  # no TORCH_CUDA_ARCH_LIST and no GPU: the default list
+        if cfg.arch_list is not None:  # no TORCH_CUDA_ARCH_LIST: the wheel's list
             os.environ["TORCH_CUDA_ARCH_LIST"] = cfg.arch_list
     from torch.utils import cpp_extension
 
@@ -69,9 +75,10 @@ def _aot_extension():
     compile_args = {"cxx": list(cfg.cflags)}
     if cfg.with_cuda:
         compile_args["nvcc"] = list(cfg.cuda_cflags)
+    caps = ", ".join(c.name for c in cfg.cpu_capabilities)
     print(
-        f"fused_dropout: AOT build of fused_dropout._C "
-        f"(CPU{'+CUDA archs ' + cfg.arch_desc if cfg.with_cuda else ''})",
+        f"fused_dropout: AOT build of fused_dropout._C (CPU paths {caps}"
+        f"{'; CUDA archs ' + cfg.arch_desc if cfg.with_cuda else ''})",
         file=sys.stderr,
     )
     ext = kind(
@@ -81,24 +88,24 @@ def _aot_extension():
         extra_compile_args=compile_args,
         extra_link_args=list(cfg.ldflags),
     )
-    import torch
 
-    info = {
-        "with_cuda": cfg.with_cuda,
-        "cuda_archs": cfg.arch_desc,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-    }
+    class BuildExtWithKernels(cpp_extension.BuildExtension):
+        """Also compiles the CPU kernel files once per CPU capability (linked into _C), and
+        writes the build's configuration next to _C (the loader and the report read it)."""
 
-    class BuildExtWithInfo(cpp_extension.BuildExtension):
-        """Also writes the build's configuration next to _C (the loader reads it)."""
+        def build_extension(self, extension):
+            objects = loader.cpu_kernels.compile_cpu_kernels(
+                cfg, Path(self.build_temp), verbose=bool(self.verbose)
+            )
+            extension.extra_objects = [str(o) for o in objects]
+            super().build_extension(extension)
 
         def run(self):
             super().run()
-            out = Path(self.get_ext_fullpath(ext.name)).parent / loader.PREBUILT_INFO
-            out.write_text(json.dumps(info, indent=1) + "\n")
+            out = Path(self.get_ext_fullpath(ext.name)).parent / loader.prebuilt.INFO_FILE
+            out.write_text(json.dumps(loader.prebuilt.build_info(cfg), indent=1) + "\n")
 
-    return ext, BuildExtWithInfo
+    return ext, BuildExtWithKernels
 
 
 def _readme() -> dict:

@@ -124,19 +124,22 @@ def find_tool(name: str) -> str | None:
 
 
 def _loader_flags() -> tuple[tuple[str, ...], str]:
-    """(nvcc flags, CUDA define) from fused_dropout/_loader.py, read without importing the
-    package (whose import builds the extension)."""
-    path = ROOT / "fused_dropout" / "_loader.py"
+    """(nvcc flags, CUDA define) from fused_dropout/_loader/config.py, read without importing
+    the package (whose import builds the extension)."""
+    path = ROOT / "fused_dropout" / "_loader"
     try:
-        spec = importlib.util.spec_from_file_location("_fd_loader_for_bench", path)
+        spec = importlib.util.spec_from_file_location(
+            "_fd_loader_for_bench", path / "__init__.py", submodule_search_locations=[str(path)]
+        )
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
-        return tuple(mod.NVCC_FLAGS), mod.CUDA_DEFINE
+        return tuple(mod.config.NVCC_FLAGS), mod.config.CUDA_DEFINE
     except Exception:  # noqa: BLE001 - any failure: use the flags known at the time of writing
         return FALLBACK_NVCC_FLAGS, "-DFUSED_DROPOUT_WITH_CUDA"
     finally:
-        sys.modules.pop("_fd_loader_for_bench", None)
+        for name in [m for m in sys.modules if m.split(".")[0] == "_fd_loader_for_bench"]:
+            del sys.modules[name]
 
 
 def _include_dirs(src: Path) -> list[str]:

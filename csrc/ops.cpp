@@ -1,7 +1,7 @@
 // Every schema of the library, in one place. The implementations register themselves:
 // ops/kernels.cpp for the CPU and CUDA keys, ops/autograd.cpp for Autograd, ops/rng.cpp for
-// draw_seed_offset (no tensor to dispatch on: one kernel for every device), and
-// fused_dropout/ops.py holds the fake (meta) kernels.
+// draw_seed_offset and ops/cpu_dispatch.cpp for the cpu_capability ops (no tensor to dispatch
+// on: one kernel for every device), and fused_dropout/ops.py holds the fake (meta) kernels.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fused_dropout, m) {
@@ -37,4 +37,10 @@ TORCH_LIBRARY(fused_dropout, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The pair the next op call on `device` would draw, drawn on the host (ops/rng.cpp).
   m.def("draw_seed_offset(Device device, Generator? generator) -> int[]", seeded);
+  // The CPU kernels' capability (ops/cpu_dispatch.cpp): the one in use, those built, what this
+  // CPU lacks for one, and a switch for this process (returns the previous one).
+  m.def("cpu_capability() -> str");
+  m.def("cpu_capabilities() -> str[]");
+  m.def("cpu_capability_missing(str capability) -> str[]");
+  m.def("set_cpu_capability(str capability) -> str");
 }

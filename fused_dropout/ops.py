@@ -13,12 +13,16 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "cpu_capabilities",
+    "cpu_capability",
+    "cpu_capability_missing",
     "dropout",
     "dropout_",
     "dropout_add",
     "dropout_add_norm",
     "dropout_add_norm_backward",
     "dropout_backward",
+    "set_cpu_capability",
     "split_seed_offset",
 ]
 
@@ -177,6 +181,26 @@ def dropout_add_norm_backward(
         want_grad_bias,
         want_grad_input_bias,
     )
+
+
+def cpu_capability() -> str:
+    """The CPU path the kernels run: ``"default"``, ``"avx2"`` or ``"avx512"``."""
+    return torch.ops.fused_dropout.cpu_capability()
+
+
+def cpu_capabilities() -> list[str]:
+    """The CPU paths built into the loaded library, lowest first."""
+    return list(torch.ops.fused_dropout.cpu_capabilities())
+
+
+def cpu_capability_missing(capability: str) -> list[str]:
+    """The ISA extensions this CPU lacks for ``capability`` (empty: it can run that path)."""
+    return list(torch.ops.fused_dropout.cpu_capability_missing(capability))
+
+
+def set_cpu_capability(capability: str) -> str:
+    """Run the CPU path ``capability`` from now on in this process; returns the previous one."""
+    return torch.ops.fused_dropout.set_cpu_capability(capability)
 
 
 def _fake_pair(t: Tensor) -> Tensor:

@@ -5,7 +5,9 @@
   whether the extension was built with CUDA kernels. Building it happens here, once, at the
   start of the session (importing ``fused_dropout`` builds it on a cold cache).
 - Marker ``gpu``: skipped when ``torch.cuda.is_available()`` is False. Marker ``slow``: CI runs
-  them; ``-m 'not slow'`` leaves them out.
+  them; ``-m 'not slow'`` leaves them out. Marker ``cpu_paths``: a test that compares kernel
+  output bit for bit runs once on each CPU path (default, avx2, avx512) this CPU can run, from
+  the one build (ids ``cpu_<path>``).
 - Fixtures: ``device`` ("cpu", and "cuda" marked ``gpu``), ``extension_built_with_cuda``.
 """
 
@@ -39,8 +41,11 @@ def _describe_build() -> list[str]:
         from fused_dropout import _loader  # the package's __init__ builds and loads the library
 
         path = _loader.load()
+        from fused_dropout import ops
+
         _summary.append(
-            f"fused_dropout extension: {path}; CUDA kernels built: {_loader.built_with_cuda()}"
+            f"fused_dropout extension: {path}; CUDA kernels built: {_loader.built_with_cuda()}; "
+            f"CPU path: {ops.cpu_capability()} (cpu_paths tests: {', '.join(_cpu_paths())})"
         )
     except Exception as e:  # report it; the tests that need the library fail on their own
         text = str(e).strip()
@@ -57,6 +62,39 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if config.get_verbosity() < 0:  # -q hides the header: repeat it at the end
         for line in _describe_build():
             terminalreporter.write_line(line)
+
+
+def _cpu_paths() -> list[str]:
+    """The CPU paths of the built library this CPU can run (none if it does not load)."""
+    try:
+        from fused_dropout import ops
+    except Exception:  # reported in the header; the tests fail on their own
+        return []
+    return [c for c in ops.cpu_capabilities() if not ops.cpu_capability_missing(c)]
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("cpu_paths") is None:
+        return
+    paths = _cpu_paths()
+    if paths:
+        metafunc.parametrize("cpu_path", paths, indirect=True, ids=[f"cpu_{p}" for p in paths])
+
+
+@pytest.fixture(autouse=True)
+def cpu_path(request):
+    """The CPU path a ``cpu_paths`` test runs on (None, the one chosen at load, for others)."""
+    path = getattr(request, "param", None)
+    if path is None:
+        yield None
+        return
+    from fused_dropout import ops
+
+    previous = ops.set_cpu_capability(path)
+    try:
+        yield path
+    finally:
+        ops.set_cpu_capability(previous)
 
 
 def pytest_collection_modifyitems(config, items):

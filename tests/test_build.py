@@ -1,9 +1,10 @@
-"""Tests of the JIT loader (fused_dropout/_loader.py); none needs a GPU.
+"""Tests of the JIT loader (fused_dropout/_loader/); none needs a GPU.
 
 Most tests build a tiny throwaway TORCH_LIBRARY source tree (namespace ``fd_loader_test``) in a
 temp dir, into a fresh TORCH_EXTENSIONS_DIR, in a subprocess: they do not depend on the real
-csrc/ and never load a second library into the pytest process. The loader module is imported
-from its file, so importing it does not run the package's ``__init__`` (which builds csrc/).
+csrc/ (but for its CPU capability table) and never load a second library into the pytest
+process. The loader package is imported from its directory, so importing it does not run the
+package's ``__init__`` (which builds csrc/).
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-LOADER_PATH = REPO / "fused_dropout" / "_loader.py"
+LOADER_DIR = REPO / "fused_dropout" / "_loader"
 
 
 def _import_loader():
     name = "fused_dropout_loader_under_test"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, LOADER_PATH)
+        spec = importlib.util.spec_from_file_location(
+            name, LOADER_DIR / "__init__.py", submodule_search_locations=[str(LOADER_DIR)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -39,22 +42,49 @@ def _import_loader():
 
 
 L = _import_loader()
+X86 = len(L.config.capabilities(REPO / "csrc")) == 3
 
 HAS_CUDA_TOOLKIT = bool(torch.version.cuda) and L.find_cuda_home() is not None
 
 # ---------------------------------------------------------------------------------------------
-# A throwaway extension with the real layout: ops.cpp, cpu/*.cpp, cuda/*.cu, a header.
+# A throwaway extension with the real layout: ops.cpp, a CPU kernel file and its header
+# (compiled per CPU capability, with the real cpu/capability.h), cuda/*.cu, a header.
 # ---------------------------------------------------------------------------------------------
 OPS_CPP = r"""
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "common.h"
+#include <vector>
 
-int64_t fdlt_cpu_marker();
+#include "common.h"
+#include "cpu/marker.h"
+
 #ifdef FUSED_DROPOUT_WITH_CUDA
 int64_t fdlt_cuda_marker();
 #endif
+
+namespace fused_dropout {
+static int g_capability = 0;
+int cpu_capability_index() { return g_capability; }
+void cpu_parallel_for(int64_t begin, int64_t end, int64_t grain,
+                      void (*body)(void*, int64_t, int64_t), void* ctx) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { body(ctx, b, e); });
+}
+}  // namespace fused_dropout
+
+// cpu_marker() of each capability's object, in the table's order.
+static std::vector<int64_t> cpu_markers() {
+  std::vector<int64_t> out;
+#define FDLT_ROW(cap, extensions, ...) out.push_back(0);
+  FD_CPU_CAPABILITIES(FDLT_ROW, _)
+  for (size_t i = 0; i < out.size(); ++i) {
+    fused_dropout::g_capability = static_cast<int>(i);
+    out[i] = fused_dropout::cpu_marker();
+  }
+  fused_dropout::g_capability = 0;
+  return out;
+}
 
 static int64_t with_cuda() {
 #ifdef FUSED_DROPOUT_WITH_CUDA
@@ -69,11 +99,47 @@ static at::Tensor twice(const at::Tensor& x) { return x * FDLT_FACTOR; }
 TORCH_LIBRARY(fd_loader_test, m) {
   m.def("twice(Tensor x) -> Tensor", &twice);
   m.def("with_cuda() -> int", &with_cuda);
-  m.def("cpu_marker() -> int", &fdlt_cpu_marker);
+  m.def("cpu_markers() -> int[]", &cpu_markers);
 }
 """
 COMMON_H = "#pragma once\n#define FDLT_FACTOR 2\n"
-CPU_CPP = "#include <cstdint>\nint64_t fdlt_cpu_marker() { return 7; }\n"
+MARKER_H = r"""
+#pragma once
+#include <cstdint>
+
+#include "cpu/capability.h"
+
+namespace fused_dropout {
+FD_CPU_KERNEL(cpu_marker, int64_t())
+}
+"""
+# 10 x (1, + 2 with AVX2, + 4 with AVX-512 F and BW), summed over a parallel loop.
+MARKER_CPP = r"""
+#include "cpu/marker.h"
+
+namespace fused_dropout {
+namespace FD_CPU_NS {
+int64_t cpu_marker() {
+  int64_t isa = 1;
+#ifdef __AVX2__
+  isa += 2;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  isa += 4;
+#endif
+  int64_t parts[10] = {};
+  parallel_for(0, 10, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) parts[i] = isa;
+  });
+  int64_t sum = 0;
+  for (int64_t v : parts) sum += v;
+  return sum;
+}
+}  // namespace FD_CPU_NS
+}  // namespace fused_dropout
+"""
+#: cpu_markers() of the throwaway library: every capability's object, compiled for its ISA.
+CPU_MARKERS = [10, 30, 70] if X86 else [10]
 KERNEL_CU = r"""
 #ifndef FUSED_DROPOUT_WITH_CUDA
 #error "FUSED_DROPOUT_WITH_CUDA is not defined for nvcc"
@@ -91,7 +157,9 @@ DRIVER = r"""
 import importlib.util, json, os, sys, time
 import torch
 loader_path, src = sys.argv[1], sys.argv[2]
-spec = importlib.util.spec_from_file_location("fdl_driver", loader_path)
+spec = importlib.util.spec_from_file_location(
+    "fdl_driver", os.path.join(loader_path, "__init__.py"),
+    submodule_search_locations=[loader_path])
 L = importlib.util.module_from_spec(spec)
 sys.modules["fdl_driver"] = L
 spec.loader.exec_module(L)
@@ -103,7 +171,7 @@ cpp_ext = sys.modules.get("torch.utils.cpp_extension")
 print(json.dumps({
     "path": path, "seconds": dt, "built_with_cuda": L.built_with_cuda(src),
     "twice": ops.twice(torch.ones(2)).tolist(), "with_cuda": ops.with_cuda(),
-    "cpu_marker": ops.cpu_marker(), "CUDA_HOME": os.environ.get("CUDA_HOME"),
+    "cpu_markers": ops.cpu_markers(), "CUDA_HOME": os.environ.get("CUDA_HOME"),
     "cpp_extension_CUDA_HOME": getattr(cpp_ext, "CUDA_HOME", None),
     "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST"),
 }))
@@ -122,7 +190,9 @@ def write_sources(root: Path, *, ops_cpp: str = OPS_CPP) -> Path:
     (root / "cuda").mkdir()
     (root / "ops.cpp").write_text(ops_cpp)
     (root / "common.h").write_text(COMMON_H)
-    (root / "cpu" / "marker.cpp").write_text(CPU_CPP)
+    (root / "cpu" / "marker.h").write_text(MARKER_H)
+    (root / "cpu" / "marker.cpp").write_text(MARKER_CPP)
+    shutil.copy(REPO / "csrc" / "cpu" / "capability.h", root / "cpu" / "capability.h")
     (root / "cuda" / "kernel.cu").write_text(KERNEL_CU)
     return root
 
@@ -137,7 +207,7 @@ def child_env(cache: Path, **extra: str) -> dict[str, str]:
 
 
 def driver_cmd(src: Path) -> list[str]:
-    return [sys.executable, "-c", DRIVER, str(LOADER_PATH), str(src)]
+    return [sys.executable, "-c", DRIVER, str(LOADER_DIR), str(src)]
 
 
 def run_driver(src: Path, env: dict[str, str], timeout: float = 900):
@@ -157,7 +227,7 @@ def isolated(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="session")
 def cpu_build(tmp_path_factory):
-    """One cold CPU-only build of the throwaway sources (about 10 s)."""
+    """One cold CPU-only build of the throwaway sources (about 15 s)."""
     root = tmp_path_factory.mktemp("cpu_build")
     src, cache = write_sources(root / "src"), root / "cache"
     env = child_env(cache)
@@ -199,22 +269,28 @@ def test_cache_key_follows_every_source_and_header(isolated):
     assert L.cache_key(cfg) == k0
 
 
-def test_cache_key_follows_flags_archs_and_host(isolated, monkeypatch):
+def test_cache_key_follows_flags_archs_and_cpu_capabilities(isolated, monkeypatch):
     base = L.build_config(isolated)
     assert base.with_cuda is False and base.arch_desc == ""
+    fewer = base.cpu_capabilities[:-1] or (L.config.CpuCapability("other", ("sse4.2",)),)
     variants = [
         dataclasses.replace(base, cflags=base.cflags + ("-DEXTRA",)),
-        dataclasses.replace(base, cflags=L.CXX_FLAGS),  # no -march=native
+        dataclasses.replace(base, cflags=L.config.OPT_FLAGS),
         dataclasses.replace(base, cuda_cflags=("-O2",)),
         dataclasses.replace(base, ldflags=()),
+        dataclasses.replace(base, kernel_flags=base.kernel_flags + ("-DEXTRA",)),
+        dataclasses.replace(base, cpu_capabilities=fewer),
         dataclasses.replace(base, with_cuda=True, arch_desc="8.0;9.0+PTX"),
         dataclasses.replace(base, with_cuda=True, arch_desc="8.0"),
     ]
     keys = {L.cache_key(base)} | {L.cache_key(v) for v in variants}
     assert len(keys) == len(variants) + 1
+    # Not the CPU: a build carries every path and picks one when it loads, so one build in a
+    # home directory serves nodes with different CPUs, whatever path each of them runs.
     key = L.cache_key(base)
-    monkeypatch.setattr(L, "_host_isa", lambda: "another CPU")
-    assert L.cache_key(base) != key
+    monkeypatch.setenv("FUSED_DROPOUT_CPU_CAPABILITY", "default")
+    monkeypatch.setenv("FUSED_DROPOUT_CPU_HIDE", "avx2,avx512f")
+    assert L.cache_key(L.build_config(isolated)) == key
 
 
 @pytest.mark.skipif(not HAS_CUDA_TOOLKIT, reason="needs a CUDA build of torch and nvcc")
@@ -223,10 +299,12 @@ def test_cuda_config_and_arch_list(isolated, monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     cfg = L.build_config(isolated)
     assert cfg.with_cuda and cfg.cuda_home == L.find_cuda_home()
-    assert L.CUDA_DEFINE in cfg.cflags and L.CUDA_DEFINE in cfg.cuda_cflags
+    assert L.config.CUDA_DEFINE in cfg.cflags and L.config.CUDA_DEFINE in cfg.cuda_cflags
     assert "--use_fast_math" not in cfg.cuda_cflags
     if not torch.cuda.is_available():
-        assert cfg.arch_list == cfg.arch_desc == L.DEFAULT_CUDA_ARCH_LIST
+        assert cfg.arch_list == cfg.arch_desc == L.config.DEFAULT_CUDA_ARCH_LIST
+        wheel = L.build_config(isolated, wheel=True)
+        assert wheel.arch_list == wheel.arch_desc == L.config.WHEEL_CUDA_ARCH_LIST
     keys = {L.cache_key(cfg)}
     for archs in ("8.0", "9.0", "8.0;9.0"):
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", archs)
@@ -237,12 +315,25 @@ def test_cuda_config_and_arch_list(isolated, monkeypatch):
 
 
 def test_flags(isolated):
-    assert "-march=native" in L.JIT_CXX_FLAGS and "-march=native" not in L.CXX_FLAGS
-    for flag in ("-O3", "-ffp-contract=off", "-fopenmp"):
-        assert flag in L.CXX_FLAGS
-    assert "-fopenmp" in L.LD_FLAGS
-    assert not any("fast_math" in f or "fast-math" in f for f in L.NVCC_FLAGS + L.CXX_FLAGS)
-    assert L.build_config(isolated, native=False).cflags == L.CXX_FLAGS
+    C = L.config
+    for flag in ("-O3", "-ffp-contract=off"):
+        assert flag in C.CXX_FLAGS and flag in C.KERNEL_FLAGS
+    assert "-fopenmp" in C.CXX_FLAGS and "-fopenmp" in C.LD_FLAGS
+    cfg = L.build_config(isolated)
+    assert cfg.cflags == C.CXX_FLAGS and cfg.kernel_flags[: len(C.KERNEL_FLAGS)] == C.KERNEL_FLAGS
+    every = cfg.cflags + cfg.kernel_flags + C.NVCC_FLAGS
+    every += sum((c.flags for c in cfg.cpu_capabilities), ())
+    assert not any("fast_math" in f or "fast-math" in f for f in every)
+    # nothing is compiled for the build machine's CPU
+    assert not any(f.startswith(("-march", "-mtune", "-mcpu")) for f in every)
+    caps = {c.name: set(c.flags) for c in cfg.cpu_capabilities}
+    assert list(caps) == (["default", "avx2", "avx512"] if X86 else ["default"])
+    assert caps["default"] == {"-DFD_CPU_NS=cpu_default"}
+    if X86:
+        assert {"-mavx2", "-mfma", "-mbmi2", "-DFD_CPU_NS=cpu_avx2"} <= caps["avx2"]
+        assert not any("avx512" in f for f in caps["avx2"])
+        avx512 = {"-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mbmi2"}
+        assert avx512 | {"-DFD_CPU_NS=cpu_avx512"} <= caps["avx512"]
 
 
 def test_cache_root(monkeypatch, tmp_path):
@@ -258,15 +349,16 @@ def test_cache_root(monkeypatch, tmp_path):
 
 def test_source_files(isolated):
     src = isolated
-    assert L.source_files(src, False) == [src / "ops.cpp", src / "cpu" / "marker.cpp"]
+    assert L.source_files(src, False) == [src / "ops.cpp"]
     assert L.source_files(src, True)[-1] == src / "cuda" / "kernel.cu"
+    assert L.kernel_files(src) == [src / "cpu" / "marker.cpp"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Errors name the fix
 # ---------------------------------------------------------------------------------------------
 def test_error_ninja_missing(isolated, monkeypatch):
-    monkeypatch.setattr(L, "_find_ninja", lambda: None)
+    monkeypatch.setattr(L.checks, "find_ninja", lambda: None)
     with pytest.raises(L.BuildError, match="pip install ninja") as info:
         L.load(isolated)
     assert isinstance(info.value, RuntimeError)
@@ -295,7 +387,8 @@ def test_error_unknown_flag_value(isolated, monkeypatch):
 
 
 def test_error_clashing_object_names(isolated):
-    (isolated / "cpu" / "ops.cpp").write_text("// clashes with ../ops.cpp\n")
+    (isolated / "ops").mkdir()
+    (isolated / "ops" / "ops.cpp").write_text("// clashes with ../ops.cpp\n")
     with pytest.raises(L.BuildError, match="both compile to ops.o"):
         L.load(isolated)
 
@@ -323,7 +416,7 @@ def test_cold_build_says_what_it_does(cpu_build):
     assert m.group("what") == "CPU"
     assert Path(m.group("dir")).parent == cache / "fused_dropout"
     assert BUILT_RE.search(stderr), stderr
-    assert data["twice"] == [2.0, 2.0] and data["cpu_marker"] == 7
+    assert data["twice"] == [2.0, 2.0] and data["cpu_markers"] == CPU_MARKERS
     assert data["with_cuda"] == 0 and data["built_with_cuda"] is False
     assert data["path"] == str(Path(m.group("dir")) / "build" / "fused_dropout_C.so")
 
@@ -416,13 +509,13 @@ def warm_copy(cpu_build, tmp_path):
 
 def test_elf_check_finds_truncated_and_empty_libraries(cpu_build, tmp_path):
     so = Path(cpu_build[3]["path"])
-    assert L._elf_problem(so) is None
+    assert L.publish.elf_problem(so) is None
     bad = tmp_path / "bad.so"
     for size in (so.stat().st_size - 1, so.stat().st_size // 2, 100, 0):
         bad.write_bytes(so.read_bytes()[:size])
-        assert L._elf_problem(bad) is not None, size
+        assert L.publish.elf_problem(bad) is not None, size
     bad.write_bytes(b"not a library" * 100)
-    assert "not an ELF file" in L._elf_problem(bad)
+    assert "not an ELF file" in L.publish.elf_problem(bad)
 
 
 @pytest.mark.slow
@@ -436,7 +529,7 @@ def test_damaged_cached_library_is_rebuilt(cpu_build, tmp_path, damage):
     data, stderr = run_driver(src, env)
     assert DAMAGED_RE.search(stderr) and BUILT_RE.search(stderr), stderr
     assert data["path"] == str(so) and data["twice"] == [2.0, 2.0]
-    assert L._elf_problem(so) is None
+    assert L.publish.elf_problem(so) is None
     data, stderr = run_driver(src, env)
     assert stderr == "" and data["twice"] == [2.0, 2.0]
 
@@ -494,7 +587,7 @@ exec(compile(DRIVER, "driver", "exec"))
 
 def run_read_only(src, env):
     code = f"DRIVER = {DRIVER!r}\n{READ_ONLY_DRIVER}"
-    cmd = [sys.executable, "-c", code, str(LOADER_PATH), str(src)]
+    cmd = [sys.executable, "-c", code, str(LOADER_DIR), str(src)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -526,7 +619,7 @@ def test_sources_edited_during_the_build_are_never_cached(tmp_path):
     edited = COMMON_H.replace("2", "5")
     edit = (
         "import fdl_driver as L, pathlib\n"
-        "real = L._import_cpp_extension\n"
+        "real = L.jit._import_cpp_extension\n"
         "class Editing:\n"
         "    def __init__(self, m): self.m = m\n"
         "    def __getattr__(self, n): return getattr(self.m, n)\n"
@@ -534,11 +627,11 @@ def test_sources_edited_during_the_build_are_never_cached(tmp_path):
         "        out = self.m.load(**kw)\n"
         f"        pathlib.Path({str(src / 'common.h')!r}).write_text({edited!r})\n"
         "        return out\n"
-        "L._import_cpp_extension = lambda verbose: Editing(real(verbose))\n"
+        "L.jit._import_cpp_extension = lambda verbose: Editing(real(verbose))\n"
     )
     code = DRIVER.replace("t0 = time.perf_counter()", edit + "t0 = time.perf_counter()")
     r = subprocess.run(
-        [sys.executable, "-c", code, str(LOADER_PATH), str(src)],
+        [sys.executable, "-c", code, str(LOADER_DIR), str(src)],
         env=env,
         capture_output=True,
         text=True,

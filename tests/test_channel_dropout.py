@@ -122,6 +122,7 @@ def dropped_value(fn: str, p: float) -> float:
 # ---------------------------------------------------- bitwise equality with the reference
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("fn, shape, mask_ndim, batched", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -138,6 +139,7 @@ def test_bitwise_forward_backward(dtype, fn, shape, mask_ndim, batched, layout):
     assert_bitwise(gx, exp, "gradient")
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("fn, shape, mask_ndim, batched", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_inplace(dtype, fn, shape, mask_ndim, batched):
@@ -167,6 +169,7 @@ def test_bitwise_with_generator_and_global_rng(fn, shape, mask_ndim, batched):
     assert_bitwise(y, ref.ref_dropout(x, 0.5, seed, 0, mask_ndim, alpha=alpha), "global RNG")
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("p", [1e-7, 0.1, 0.5, 0.9, 1 - 1e-7])
 @pytest.mark.parametrize("fn", ["dropout2d", "feature_alpha_dropout"])
 def test_bitwise_various_p(fn, p):

@@ -491,6 +491,7 @@ def _grad_of_dropout(fd, g, p, so):
     return gx
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [100, 990], ids=["simd", "tail"])
 @pytest.mark.parametrize("op", ["dropout", "dropout_backward", "dropout_add", "bias_dropout_add"])
@@ -508,6 +509,7 @@ def test_extension_elementwise_tie(fd, dtype, m, op):
         )
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [3, 77], ids=["first-batch", "later"])
 def test_extension_alpha_dropout_tie(fd, dtype, m):
@@ -520,6 +522,7 @@ def test_extension_alpha_dropout_tie(fd, dtype, m):
         _check_tie(out, expected, lambda o, i, d=dropped: o[i] != d, m, kept)
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [5, 201], ids=["first-batch", "tail"])
 def test_extension_per_sample_tie(fd, dtype, m):
@@ -532,6 +535,7 @@ def test_extension_per_sample_tie(fd, dtype, m):
         _check_tie(out, expected, lambda o, i: bool((o[i] != 0).all()), m, kept)
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("m", [9, 1003], ids=["first-batch", "tail"])

@@ -126,6 +126,7 @@ CASE_IDS = [c[0] for c in CASES]
 # ---------------------------------------------------- bitwise equality with the reference
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("scale_by_keep", [True, False], ids=["scale", "noscale"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -142,6 +143,7 @@ def test_drop_path_bitwise(dtype, case, scale_by_keep):
     assert_bitwise(gx, ref.ref_dropout_backward(g, p, seed, offset, **kw), "gradient")
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("scale_by_keep", [True, False], ids=["scale", "noscale"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -160,6 +162,7 @@ def test_drop_path_add_bitwise(dtype, case, scale_by_keep):
     assert_bitwise(gr, g, "grad residual")
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("mode", ["row", "batch"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -176,6 +179,7 @@ def test_stochastic_depth_bitwise(dtype, case, mode):
     assert_bitwise(gx, ref.ref_dropout_backward(g, p, seed, offset, **kw), "gradient")
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("p", [0.0, 1e-7, 0.1, 0.9, 1.0])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bitwise_various_p(dtype, p):
@@ -212,6 +216,7 @@ def test_empty_batch(dtype, which):
     assert x.grad.shape == (0, 4)
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("which", ["drop_path", "stochastic_depth", "drop_path_add"])
 def test_nan_inf_in_dropped_samples_do_not_leak(which):
     p = 0.5

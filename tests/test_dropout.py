@@ -119,6 +119,7 @@ def torch_p_message(p: float) -> str:
 # ---------------------------------------------------- bitwise equality, all layouts
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("n", SIZES, ids=[f"n{n}" for n in SIZES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -134,6 +135,7 @@ def test_bitwise_forward_backward(dtype, n, layout):
     assert_bitwise(gx, ref.ref_dropout_backward(g, p, seed, offset), "gradient")
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_mask_of_noncontiguous_equals_mask_of_contiguous_copy(dtype, layout):
@@ -145,6 +147,7 @@ def test_mask_of_noncontiguous_equals_mask_of_contiguous_copy(dtype, layout):
     assert_bitwise(a.contiguous(), b)
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize(
     "make",
     [
@@ -178,6 +181,7 @@ def test_bitwise_multidim_layouts(dtype, make):
     assert_bitwise(gx, ref.ref_dropout_backward(g, 0.4, seed, offset), "gradient")
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize(
     "p", [1e-20, 2.0**-33, 1e-7, 0.1, 0.25, 0.5, 0.7, 0.9, 1 - 1e-7, 1 - 2.0**-34]
 )
@@ -188,6 +192,7 @@ def test_bitwise_various_p(dtype, p):
     assert_bitwise(y, ref.ref_dropout(x, p, 31337, 8))
 
 
+@pytest.mark.cpu_paths
 def test_result_independent_of_thread_count():
     x = randn((2**20 + 3,), torch.float32, seed=6)
     old = torch.get_num_threads()
@@ -212,6 +217,7 @@ def _op_input(shape, layout, dtype, seed=0):
     return randn(tuple(reversed(shape)), dtype, seed).permute(*reversed(range(len(shape))))
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("layout", ["contiguous", "permuted"])
 @pytest.mark.parametrize(
     "shape, mask_ndim",
@@ -250,6 +256,7 @@ def test_op_dropout_bitwise(dtype, scale_by_keep, shape, mask_ndim, layout):
     assert_bitwise(xi, ref.ref_dropout(x, p, seed, offset, **kw), "dropout_")
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("p", [0.2, 0.5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_op_alpha_dropout(dtype, p):
@@ -290,6 +297,7 @@ def _tol(dtype):
     }[dtype]
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize(
     "shape, mask_ndim, res_layout",
     [
@@ -477,6 +485,7 @@ def test_training_false_draws_nothing():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_inf_in_dropped_elements_give_zero(dtype):
     seed, offset, p = 55, 0, 0.5

@@ -130,6 +130,7 @@ def _operands(case, dtype, requires_grad=True):
 # ---------------------------------------------------- bitwise equality with the reference
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dropout_add_bitwise(dtype, case):
@@ -144,6 +145,7 @@ def test_dropout_add_bitwise(dtype, case):
     assert_bitwise(gr, g, "grad residual")
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bias_dropout_add_bitwise(dtype, case):
@@ -162,6 +164,7 @@ def test_bias_dropout_add_bitwise(dtype, case):
     torch.testing.assert_close(gb, exp_gb, **_bias_grad_tol(dtype))
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("p", [0.0, 1.0, 1e-7, 0.5, 0.9])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -182,6 +185,7 @@ def test_bitwise_various_p(dtype, with_bias, p):
     assert_bitwise(gr, g, "grad residual")
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_inf_in_dropped_input_does_not_leak(dtype, with_bias):

@@ -99,6 +99,7 @@ def _default_eps(rms, hdtype):
 # ----------------------------------------------------------------------- h is dropout_add's
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["elementwise", "per_sample"])
@@ -413,6 +414,7 @@ def _op_case(
         same(got, expected, name)
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 def test_bitwise_against_reference(dtype, rms):
@@ -420,6 +422,7 @@ def test_bitwise_against_reference(dtype, rms):
     _op_case((37, 20), dtype, rms=rms, per_sample=True, wdt=torch.float32)
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("cols", [1, 7, 8, 255, 256, 257, 768, 1000, 2048, 2049, 4096, 9000])
 def test_bitwise_row_lengths(cols):
     """Every stripe/group boundary of the row sums: G = 1, 2, 4, 8 (9000 > 4 x 2048)."""
@@ -432,12 +435,14 @@ def test_bitwise_65536():
     _op_case((2, 65536), torch.float32)
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("rows", [0, 1, 15, 16, 17, 33])
 def test_bitwise_row_counts(rows):
     """The column sums' blocks of 16 rows: fewer, exactly one, one more."""
     _op_case((rows, 24), torch.float32)
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize(
     "variant",
     [

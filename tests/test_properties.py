@@ -656,6 +656,7 @@ def run_property(name: str, examples: int, profile: str, check) -> None:
     assert n - tally["mixed"] >= MIN_EDGE_SHARE * n, seen
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("name", list(ALL))
 def test_matches_reference(name):
     run_property(name, EXAMPLES, "default", ALL[name])

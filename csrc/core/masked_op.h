@@ -148,6 +148,40 @@ FD_HD uint16_t float_to_bf16_bits(float f) {
   return f != f ? static_cast<uint16_t>(0x7FC0u) : static_cast<uint16_t>(rounded);
 }
 
+#if !defined(__CUDACC__)
+// float16 <-> float, as bit patterns, for the CPU loops (CUDA has its own): c10's portable
+// conversion (round to nearest even; a NaN becomes 0x7E00 with its sign), which GCC
+// vectorizes for every ISA, so that every CPU path gives the same bits.
+FD_HD float half_bits_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  // Normal numbers, Inf and NaN: the exponent rebiased by 0xE0, then scaled by 2^-112.
+  const float normalized = __builtin_bit_cast(float, (two_w >> 4) + (0xE0u << 23)) *
+                           __builtin_bit_cast(float, 15u << 23);
+  // Zero and subnormals: the mantissa under the exponent of 0.5, minus 0.5.
+  const float denormalized = __builtin_bit_cast(float, (two_w >> 17) | (126u << 23)) - 0.5f;
+  return __builtin_bit_cast(float,
+                            sign | (two_w < (1u << 27) ? __builtin_bit_cast(uint32_t, denormalized)
+                                                       : __builtin_bit_cast(uint32_t, normalized)));
+}
+
+FD_HD uint16_t float_to_half_bits(float f) {
+  // Scaling up then down rounds the mantissa to 10 bits (nearest even) and saturates to Inf.
+  float base = (__builtin_fabsf(f) * __builtin_bit_cast(float, 239u << 23)) *
+               __builtin_bit_cast(float, 17u << 23);
+  const uint32_t w = __builtin_bit_cast(uint32_t, f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = __builtin_bit_cast(float, (bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = __builtin_bit_cast(uint32_t, base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+#endif
+
 // y for one element, before the residual. Dropped elements are selected, not
 // multiplied, so a NaN or Inf in them never leaks.
 // keep ? a : b. On the CPU as bit operations: GCC then vectorizes the loop for

@@ -3,18 +3,14 @@
 // then applying core/masked_op.h's per-element arithmetic.
 #include "cpu/dropout.h"
 
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 #include <type_traits>
-#include <vector>
 
 namespace fused_dropout {
+namespace FD_CPU_NS {  // a kernel file (cpu/capability.h): compiled once per CPU capability
 namespace {
 
 // Mask elements per Philox batch: kLanes independent counter groups (one SIMD
@@ -30,8 +26,12 @@ constexpr int64_t kBlock = kBatch * kBatches;
 // Work per parallel task; below this the call runs inline on one thread.
 constexpr int64_t kGrainElements = 1 << 15;
 
-// How a dtype is stored and converted on the CPU. bfloat16 goes through the
-// core's bit-level conversion, which the compiler vectorizes (c10's does not).
+// The 16-bit float types, as tags: they are stored as uint16_t.
+struct Half;
+struct BFloat16;
+
+// How a dtype is stored and converted on the CPU. fp16 and bf16 go through the
+// core's bit-level conversions, which the compiler vectorizes (c10's bf16 does not).
 template <typename scalar_t>
 struct Storage {
   using raw = scalar_t;
@@ -41,11 +41,19 @@ struct Storage {
 };
 
 template <>
-struct Storage<c10::BFloat16> {
+struct Storage<BFloat16> {
   using raw = uint16_t;
   using acc = float;
   static acc load(raw v) { return bf16_bits_to_float(v); }
   static raw store(acc v) { return float_to_bf16_bits(v); }
+};
+
+template <>
+struct Storage<Half> {
+  using raw = uint16_t;
+  using acc = float;
+  static acc load(raw v) { return half_bits_to_float(v); }
+  static raw store(acc v) { return float_to_half_bits(v); }
 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__BMI2__)
@@ -280,8 +288,7 @@ inline FVec splat(float f) { return _mm256_set1_ps(f); }
 #endif
 
 template <typename scalar_t>
-constexpr bool kBlockKernel =
-    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+constexpr bool kBlockKernel = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>;
 
 // The first kCount elements of a block (a multiple of 64); bias, when kBias, is the
 // block's slice of the bias (the block is inside one row).
@@ -347,7 +354,7 @@ __attribute__((noinline)) void apply_segment(const Operands<scalar_t>& o, int64_
 template <bool kResidual, bool kBias, bool kShift, typename scalar_t>
 void run_elementwise(const Operands<scalar_t>& o, const MaskedOpArgs& a, const LaneStream& stream) {
   const int64_t nblocks = (a.numel + kBlock - 1) / kBlock;
-  at::parallel_for(0, nblocks, kGrainElements / kBlock, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, nblocks, kGrainElements / kBlock, [&](int64_t b0, int64_t b1) {
     alignas(64) uint8_t keep[kBlock];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t e0 = b * kBlock;
@@ -387,13 +394,13 @@ template <bool kResidual, bool kBias, bool kShift, typename scalar_t>
 void run_broadcast(const Operands<scalar_t>& o, const MaskedOpArgs& a, const LaneStream& stream) {
   const MaskMap& map = a.map;
   const int64_t nblocks = (map.mask_numel + kBlock - 1) / kBlock;
-  std::vector<uint8_t> keep(nblocks * kBlock);
-  at::parallel_for(0, nblocks, kGrainElements / kBlock, [&](int64_t b0, int64_t b1) {
+  Vector<uint8_t> keep(nblocks * kBlock);
+  parallel_for(0, nblocks, kGrainElements / kBlock, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       draw_keep_block(stream, a.affine, b * kBlock, &keep[b * kBlock]);
     }
   });
-  at::parallel_for(0, a.numel, kGrainElements, [&](int64_t i0, int64_t i1) {
+  parallel_for(0, a.numel, kGrainElements, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1;) {
       const int64_t outer = i / map.run;
       if (map.period == 1) {
@@ -464,10 +471,11 @@ void masked_op_cpu(const MaskedOpArgs& args, uint64_t seed, uint64_t offset) {
     case DType::kDouble:
       return run_typed<double>(args, stream);
     case DType::kHalf:
-      return run_typed<c10::Half>(args, stream);
+      return run_typed<Half>(args, stream);
     case DType::kBFloat16:
-      return run_typed<c10::BFloat16>(args, stream);
+      return run_typed<BFloat16>(args, stream);
   }
 }
 
+}  // namespace FD_CPU_NS
 }  // namespace fused_dropout

@@ -4,10 +4,11 @@
 #include <cstdint>
 
 #include "core/masked_op.h"
+#include "cpu/capability.h"
 
 namespace fused_dropout {
 
 // Runs one masked op on the CPU with the stream (seed, offset).
-void masked_op_cpu(const MaskedOpArgs& args, uint64_t seed, uint64_t offset);
+FD_CPU_KERNEL(masked_op_cpu, void(const MaskedOpArgs& args, uint64_t seed, uint64_t offset))
 
 }  // namespace fused_dropout

@@ -1,24 +1,21 @@
-// CPU loops of the fused dropout + residual add + norm: at::parallel_for over rows (forward)
+// CPU loops of the fused dropout + residual add + norm: parallel_for over rows (forward)
 // and over the column sums' blocks of rows (backward), calling core/norm.h's arithmetic and
 // summing in the contract's order (core/norm.h): stripes of 256 consecutive elements added
 // into a 256-wide accumulator per group, then the fixed tree.
 #include "cpu/norm.h"
 
-#include <ATen/Parallel.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
 #include <type_traits>
-#include <vector>
 
 namespace fused_dropout {
+namespace FD_CPU_NS {  // a kernel file (cpu/capability.h): compiled once per CPU capability
 namespace {
 
 // Work per parallel task; below this the call runs inline on one thread.
 constexpr int64_t kGrainElements = 1 << 15;
 
-// How a dtype is stored and converted on the CPU; bfloat16 through the core's bit-level
-// conversion (which the compiler vectorizes).
+// How a dtype is stored and converted on the CPU; fp16 and bf16 through the core's bit-level
+// conversions (which the compiler vectorizes).
 template <DType D>
 struct Stored;
 template <>
@@ -37,10 +34,10 @@ struct Stored<DType::kDouble> {
 };
 template <>
 struct Stored<DType::kHalf> {
-  using raw = c10::Half;
+  using raw = uint16_t;
   using acc = float;
-  static acc load(raw v) { return static_cast<float>(v); }
-  static raw store(acc v) { return static_cast<c10::Half>(v); }
+  static acc load(raw v) { return half_bits_to_float(v); }
+  static raw store(acc v) { return float_to_half_bits(v); }
 };
 template <>
 struct Stored<DType::kBFloat16> {
@@ -117,8 +114,8 @@ void row_keep(const PhiloxStream& stream, const MaskedAffine& a, int64_t r, int6
 // A [cols] vector of the call (weight, bias, input_bias) in the compute type, or `neutral`
 // where it is absent: 1 for a weight, -0 for a bias (x * 1 and x + -0 are x, bit for bit).
 template <typename acc_t, DType D>
-std::vector<acc_t> row_vector(const void* p, bool fp32, int64_t cols, acc_t neutral) {
-  std::vector<acc_t> out(cols, neutral);
+Vector<acc_t> row_vector(const void* p, bool fp32, int64_t cols, acc_t neutral) {
+  Vector<acc_t> out(cols, neutral);
   if (p == nullptr) return out;
   for (int64_t c = 0; c < cols; ++c) {
     out[c] = fp32 ? static_cast<acc_t>(static_cast<const float*>(p)[c])
@@ -162,15 +159,15 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Phil
   using hraw = typename Hs::raw;
   using acc = typename S::acc;
   const int64_t cols = a.cols;
-  const std::vector<acc> weight = row_vector<acc, D>(a.weight, a.weight_fp32, cols, acc(1));
-  const std::vector<acc> bias = row_vector<acc, D>(a.bias, a.weight_fp32, cols, acc(-0.0));
-  const std::vector<acc> input_bias = row_vector<acc, D>(a.input_bias, false, cols, acc(-0.0));
+  const Vector<acc> weight = row_vector<acc, D>(a.weight, a.weight_fp32, cols, acc(1));
+  const Vector<acc> bias = row_vector<acc, D>(a.bias, a.weight_fp32, cols, acc(-0.0));
+  const Vector<acc> input_bias = row_vector<acc, D>(a.input_bias, false, cols, acc(-0.0));
   const AffineConsts<acc> consts = AffineConsts<acc>::make(a.affine);
   const acc eps = static_cast<acc>(a.eps);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, a.rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<acc> hv(cols);
-    std::vector<uint8_t> keep(cols);
+  parallel_for(0, a.rows, grain, [&](int64_t r0, int64_t r1) {
+    Vector<acc> hv(cols);
+    Vector<uint8_t> keep(cols);
     RowSums<acc, 1> sums;
     for (int64_t r = r0; r < r1; ++r) {
       const raw* x = static_cast<const raw*>(a.input) + r * cols;
@@ -217,7 +214,7 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a,
   using hraw = typename Hs::raw;
   using acc = typename S::acc;
   const int64_t cols = a.cols, blocks = row_blocks(a.rows);
-  const std::vector<acc> weight = row_vector<acc, D>(a.weight, a.weight_fp32, cols, acc(1));
+  const Vector<acc> weight = row_vector<acc, D>(a.weight, a.weight_fp32, cols, acc(1));
   const AffineConsts<acc> consts = AffineConsts<acc>::make(a.affine);
   // The column sums' partials, one [blocks][cols] slab per sum asked for.
   acc* next = static_cast<acc*>(a.partials);
@@ -231,9 +228,9 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a,
   acc* const p_input_bias = slab(a.grad_input_bias);
   const int64_t grain =
       std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols * kRowBlock, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<acc> xhat(cols), g(cols), dyv(cols);
-    std::vector<uint8_t> keep(cols);
+  parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    Vector<acc> xhat(cols), g(cols), dyv(cols);
+    Vector<uint8_t> keep(cols);
     RowSums<acc, 2> sums;
     for (int64_t b = b0; b < b1; ++b) {
       acc* pw = p_weight ? p_weight + b * cols : nullptr;
@@ -281,14 +278,14 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a,
   // The totals: the partials added in block order.
   const auto total = [&](const acc* p, void* out) {
     if (out == nullptr) return;
-    at::parallel_for(0, cols, kGrainElements / std::max<int64_t>(blocks, 1),
-                     [&](int64_t c0, int64_t c1) {
-                       for (int64_t c = c0; c < c1; ++c) {
-                         acc t = 0;
-                         for (int64_t b = 0; b < blocks; ++b) t = add_rn(t, p[b * cols + c]);
-                         static_cast<acc*>(out)[c] = t;
-                       }
-                     });
+    parallel_for(0, cols, kGrainElements / std::max<int64_t>(blocks, 1),
+                 [&](int64_t c0, int64_t c1) {
+                   for (int64_t c = c0; c < c1; ++c) {
+                     acc t = 0;
+                     for (int64_t b = 0; b < blocks; ++b) t = add_rn(t, p[b * cols + c]);
+                     static_cast<acc*>(out)[c] = t;
+                   }
+                 });
   };
   total(p_weight, a.grad_weight);
   total(p_bias, a.grad_bias);
@@ -309,4 +306,5 @@ void norm_backward_cpu(const NormBackwardArgs& args, uint64_t seed, uint64_t off
            [&](auto variant) { backward_typed(variant, args, stream); });
 }
 
+}  // namespace FD_CPU_NS
 }  // namespace fused_dropout

@@ -4,31 +4,33 @@
 registers the ops under ``torch.ops.fused_dropout``.
 """
 
+__version__ = "0.1.0"
+
 from fused_dropout import _loader
 
-_loader.load()
+if not _loader.running_env_report():  # `python -m fused_dropout` loads the library itself
+    _loader.load()
 
-from fused_dropout import blocks, functional, functional_mode, ops, skip  # noqa: E402  (needs the loaded ops)
-from fused_dropout.convert import convert  # noqa: E402
-from fused_dropout.functional_mode import mode  # noqa: E402
-from fused_dropout.modules import (  # noqa: E402
-    AlphaDropout,
-    BiasDropoutAdd,
-    Dropout,
-    Dropout1d,
-    Dropout2d,
-    Dropout3d,
-    DropoutAdd,
-    DropoutAddLayerNorm,
-    DropoutAddRMSNorm,
-    DropPath,
-    DropPathAdd,
-    FeatureAlphaDropout,
-    StochasticDepth,
-)
-from fused_dropout.skip import DropPathResidual  # noqa: E402
+    from fused_dropout import blocks, functional, functional_mode, ops, skip
+    from fused_dropout.convert import convert
+    from fused_dropout.functional_mode import mode
+    from fused_dropout.modules import (
+        AlphaDropout,
+        BiasDropoutAdd,
+        Dropout,
+        Dropout1d,
+        Dropout2d,
+        Dropout3d,
+        DropoutAdd,
+        DropoutAddLayerNorm,
+        DropoutAddRMSNorm,
+        DropPath,
+        DropPathAdd,
+        FeatureAlphaDropout,
+        StochasticDepth,
+    )
+    from fused_dropout.skip import DropPathResidual
 
-__version__ = "0.1.0"
 __all__ = [
     "AlphaDropout",
     "BiasDropoutAdd",

@@ -191,6 +191,11 @@ def print_all(records: list[dict], meta: dict) -> None:
         f"\n{meta['device_name']} | torch {meta['torch']} | {meta['threads']} threads | "
         f"p={meta['p']} | peak {meta['peak_gbps']:.1f} GB/s ({meta['peak_source']})"
     )
+    if meta.get("library"):
+        print(
+            f"fused_dropout {meta['fused_dropout_file']}: {meta['library_kind']} library "
+            f"{meta['library']}, CPU path {meta['cpu_path']}"
+        )
     print("ratios are paired medians; eager/ours and compile/ours > 1: ours is faster\n")
     print(time_table(rs))
     print("\nmemory of one forward+backward (saved for backward; peak above the inputs)\n")

@@ -2,6 +2,7 @@
 
     python bench/run.py --quick          # CPU: under 2 minutes on 2 idle cores
     python bench/run.py --device cuda    # the full sweep on a GPU
+    venv/bin/python bench/run.py --quick --installed   # the package installed there (a wheel)
 
 See bench/README.md for what is measured and how to read the output.
 """
@@ -15,7 +16,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+#: --installed: time the fused_dropout installed in this environment (a wheel, say), not this
+#: checkout's; the checkout then comes last on sys.path, for bench/ itself.
+INSTALLED = "--installed" in sys.argv[1:]
+sys.path.insert(len(sys.path) if INSTALLED else 0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -69,6 +73,11 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument(
+        "--installed",
+        action="store_true",
+        help="time the fused_dropout installed in this Python environment, not this checkout's",
+    )
     args = ap.parse_args(argv)
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
@@ -95,15 +104,37 @@ def parse_args(argv=None):
     return args
 
 
-def import_ours():
-    """fused_dropout.functional (None if it does not import), and the import time."""
+def import_ours(installed: bool):
+    """fused_dropout.functional (None if it does not import, or --installed finds only this
+    checkout's), and the import time."""
     t0 = time.perf_counter()
     try:
         import fused_dropout.functional as functional
     except Exception as e:  # noqa: BLE001 - report any build/import failure and go on
         print(f"fused_dropout does not import: {type(e).__name__}: {e}", file=sys.stderr)
         return None, time.perf_counter() - t0
-    return functional, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if installed and ROOT in Path(functional.__file__).resolve().parents:
+        print(
+            f"--installed: no fused_dropout is installed in {sys.prefix} (found this checkout's)",
+            file=sys.stderr,
+        )
+        return None, seconds
+    return functional, seconds
+
+
+def ours_build() -> dict:
+    """Which fused_dropout was timed: its package, its library (prebuilt or JIT), CPU path."""
+    import fused_dropout
+    from fused_dropout import _loader, ops
+
+    loaded = _loader.loaded()
+    return {
+        "fused_dropout_file": fused_dropout.__file__,
+        "library_kind": loaded.plan.kind if loaded else None,
+        "library": str(loaded.plan.path) if loaded else None,
+        "cpu_path": ops.cpu_capability(),
+    }
 
 
 def configure_compile():
@@ -248,7 +279,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start, load = time.perf_counter(), os.getloadavg()[0]
-    functional, import_s = import_ours()
+    functional, import_s = import_ours(args.installed)
+    if functional is None and args.installed:
+        return 1
     chosen, skipped = op_specs.select(args.ops, functional)
     for s in skipped:
         print(f"skip {s}", file=sys.stderr)
@@ -275,6 +308,8 @@ def main(argv=None) -> int:
     notes = list(dict.fromkeys(skipped + bench.notes))
     meta = report.metadata(args, peak, clone, import_s, notes, time.perf_counter() - t_start)
     meta["loadavg"] = [load, os.getloadavg()[0]]
+    if functional is not None:
+        meta.update(ours_build())
     report.print_all(records, meta)
     report.write(args.out, meta, records)
     if not args.no_plots:

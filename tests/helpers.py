@@ -1,6 +1,10 @@
-"""Helpers shared by the test files: bit-exact comparison and seeded inputs."""
+"""Helpers shared by the test files: bit-exact comparison, seeded inputs, and what the
+instructions of a built library may be."""
 
 from __future__ import annotations
+
+import re
+import subprocess
 
 import torch
 
@@ -90,3 +94,43 @@ def random64_draw(gen: torch.Generator | None) -> int:
     t = torch.empty((), dtype=torch.int64)
     t.random_(-(2**63), None, generator=gen)  # full 64-bit range == random64()
     return int(t)
+
+
+def _functions(library: str) -> dict[str, list[str]]:
+    """Instruction lines of each function of the library, from objdump -d."""
+    out = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", library],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    functions: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in out.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            current = functions.setdefault(m.group(1), [])
+        elif "\t" in line:
+            current.append(line.split("\t", 1)[1])
+    return functions
+
+
+def assert_avx_only_in_capability_code(library: str) -> None:
+    """The linked library, as the linker made it: no instruction of AVX or later (VEX/EVEX:
+    v-mnemonics) outside the functions of the avx2 and avx512 kernel objects, and no AVX-512
+    register in the avx2 ones, so generic code runs on any x86-64 CPU (objdump)."""
+    functions = _functions(library)
+    seen = {"default": 0, "avx2": 0, "avx512": 0}
+    for name, lines in functions.items():
+        cap = next((c for c in ("avx512", "avx2", "default") if f"cpu_{c}::" in name), None)
+        if cap is not None:
+            seen[cap] += 1
+        mnemonics = [ln.split()[0] for ln in lines if ln.split()]
+        vex = [m for m in mnemonics if m.startswith("v") and m not in ("verr", "verw")]
+        if cap in (None, "default"):
+            assert vex == [], (name, vex[:5])
+        elif cap == "avx2":
+            assert not any(re.search(r"%zmm|%k[0-7]", ln) for ln in lines), name
+    assert all(seen.values()), seen  # the symbols are there (an unstripped library)
+    avx512 = [ln for n, lines in functions.items() if "cpu_avx512::" in n for ln in lines]
+    assert any("%zmm" in ln for ln in avx512)

@@ -321,6 +321,8 @@ def test_flags(isolated):
     assert "-fopenmp" in C.CXX_FLAGS and "-fopenmp" in C.LD_FLAGS
     cfg = L.build_config(isolated)
     assert cfg.cflags == C.CXX_FLAGS and cfg.kernel_flags[: len(C.KERNEL_FLAGS)] == C.KERNEL_FLAGS
+    # setuptools adds Python's CFLAGS (-g): the wheel's build drops the debug info again
+    assert L.build_config(isolated, wheel=True).cflags == C.CXX_FLAGS + ("-g0",)
     every = cfg.cflags + cfg.kernel_flags + C.NVCC_FLAGS
     every += sum((c.flags for c in cfg.cpu_capabilities), ())
     assert not any("fast_math" in f or "fast-math" in f for f in every)

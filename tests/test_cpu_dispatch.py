@@ -21,6 +21,11 @@ import torch
 from fused_dropout import _loader, ops
 from fused_dropout._loader import config, cpu_kernels
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+from helpers import assert_avx_only_in_capability_code  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 NEEDS_BINUTILS = pytest.mark.skipif(
     shutil.which("nm") is None or shutil.which("objdump") is None,
@@ -118,46 +123,10 @@ def test_the_symbol_check_catches_an_inline_function_emitted_out_of_line(tmp_pat
     assert shared_symbols(obj, cap.name) == ["W fused_dropout::shared_helper(long)"]
 
 
-def _functions(library: str) -> dict[str, list[str]]:
-    """Instruction lines of each function of the library, from objdump -d."""
-    out = subprocess.run(
-        ["objdump", "-d", "-C", "--no-show-raw-insn", library],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    functions: dict[str, list[str]] = {}
-    current: list[str] = []
-    for line in out.splitlines():
-        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
-        if m:
-            current = functions.setdefault(m.group(1), [])
-        elif "\t" in line:
-            current.append(line.split("\t", 1)[1])
-    return functions
-
-
 @NEEDS_BINUTILS
 @pytest.mark.skipif(len(ops.cpu_capabilities()) < 3, reason="x86-64 only (AVX2, AVX-512)")
-def test_only_capability_code_in_the_library_uses_avx(kernel_objects):
-    """The linked library, as the linker made it: no instruction of AVX or later (VEX/EVEX:
-    v-mnemonics) outside the functions of the avx2 and avx512 objects, and no AVX-512 register
-    in the avx2 ones. So generic code runs on any x86-64 CPU."""
-    functions = _functions(_loader.load())
-    seen = {"default": 0, "avx2": 0, "avx512": 0}
-    for name, lines in functions.items():
-        cap = next((c for c in ("avx512", "avx2", "default") if f"cpu_{c}::" in name), None)
-        if cap is not None:
-            seen[cap] += 1
-        mnemonics = [ln.split()[0] for ln in lines if ln.split()]
-        vex = [m for m in mnemonics if m.startswith("v") and m not in ("verr", "verw")]
-        if cap in (None, "default"):
-            assert vex == [], (name, vex[:5])
-        elif cap == "avx2":
-            assert not any(re.search(r"%zmm|%k[0-7]", ln) for ln in lines), name
-    assert all(seen.values()), seen  # the symbols are there (an unstripped library)
-    avx512 = [ln for n, lines in functions.items() if "cpu_avx512::" in n for ln in lines]
-    assert any("%zmm" in ln for ln in avx512)
+def test_only_capability_code_in_the_library_uses_avx():
+    assert_avx_only_in_capability_code(_loader.load())
 
 
 # ---------------------------------------------------------------------------------------------

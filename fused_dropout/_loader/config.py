@@ -33,6 +33,9 @@ from .checks import BuildError, cuda_home_problem, env_flag, is_file
 OPT_FLAGS = ("-O3", "-ffp-contract=off")
 #: torch's translation units (at::parallel_for's OpenMP backend is inline in its headers).
 CXX_FLAGS = OPT_FLAGS + ("-fopenmp",)
+#: torch's translation units in the AOT build (setup.py): setuptools adds Python's own CFLAGS,
+#: -g among them, and -g0 keeps debug info out of the wheel (16 MB of its 17), as in a JIT build.
+AOT_CXX_FLAGS = CXX_FLAGS + ("-g0",)
 #: The CPU kernel files, before their capability's -m flags.
 KERNEL_FLAGS = OPT_FLAGS + ("-std=c++17", "-fPIC", "-Wno-psabi")
 #: Never --use_fast_math. --fmad=false: no mul+add contraction into FMA in device code, so the
@@ -159,9 +162,9 @@ def find_cuda_home() -> str | None:
 def build_config(source_dir: str | os.PathLike, *, wheel: bool = False) -> BuildConfig:
     """Decide CPU-only vs CPU+CUDA, the archs and the flags, from torch and the environment.
 
-    ``wheel=True`` (the AOT build) takes WHEEL_CUDA_ARCH_LIST when TORCH_CUDA_ARCH_LIST is unset
-    (and for no visible GPU: a wheel moves). Raises BuildError when FUSED_DROPOUT_BUILD_CUDA=1
-    cannot be honoured.
+    ``wheel=True`` (the AOT build) takes AOT_CXX_FLAGS, and WHEEL_CUDA_ARCH_LIST when
+    TORCH_CUDA_ARCH_LIST is unset (also with a GPU visible: a wheel moves). Raises BuildError
+    when FUSED_DROPOUT_BUILD_CUDA=1 cannot be honoured.
     """
     import torch
 
@@ -204,7 +207,7 @@ def build_config(source_dir: str | os.PathLike, *, wheel: bool = False) -> Build
         else:
             arch_list = arch_desc = DEFAULT_CUDA_ARCH_LIST
 
-    cflags, cuda_cflags = CXX_FLAGS, NVCC_FLAGS
+    cflags, cuda_cflags = (AOT_CXX_FLAGS if wheel else CXX_FLAGS), NVCC_FLAGS
     if with_cuda:
         cflags += (CUDA_DEFINE,)
         cuda_cflags += (CUDA_DEFINE,)

@@ -4,6 +4,7 @@
 - The header (and the end of a ``-q`` run) says which torch ran, with how many threads, and
   whether the extension was built with CUDA kernels. Building it happens here, once, at the
   start of the session (importing ``fused_dropout`` builds it on a cold cache).
+- torch.compile caches under ``.inductor-cache/<hash of csrc/ops.cpp>`` (see below).
 - Marker ``gpu``: skipped when ``torch.cuda.is_available()`` is False. Marker ``slow``: CI runs
   them; ``-m 'not slow'`` leaves them out. Marker ``cpu_paths``: a test that compares kernel
   output bit for bit runs once on each CPU path (default, avx2, avx512) this CPU can run, from
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -22,6 +24,19 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+# torch.compile's on-disk cache, keyed by our op schemas: inductor's own key does not cover a
+# custom op's schema, so a graph cached under /tmp by another version of this code is replayed
+# against these ops ("fused_dropout::dropout() expected at most 8 argument(s) but received 10").
+# Set before torch is imported; an explicit TORCHINDUCTOR_CACHE_DIR wins.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    str(
+        REPO
+        / ".inductor-cache"
+        / hashlib.sha1((REPO / "csrc" / "ops.cpp").read_bytes()).hexdigest()[:12]
+    ),
+)
 
 import torch  # noqa: E402
 

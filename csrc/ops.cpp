@@ -23,16 +23,18 @@ TORCH_LIBRARY(fused_dropout, m) {
       seeded);
   // h = residual + dropout(input + input_bias), y = norm(h) * weight + bias over the last dim
   // (LayerNorm, or RMSNorm with rms): y, h (empty unless keep_h), the rows' mean (empty for
-  // RMSNorm) and rstd, and the pair.
+  // RMSNorm) and rstd, and the pair. memory_efficient: backward keeps y (which the next layer
+  // keeps anyway) instead of h, and recovers xhat = (y - bias) / weight; weight has no zeros.
   m.def(
       "dropout_add_norm(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
       "Tensor? input_bias, float p, float eps, bool rms, bool per_sample, bool residual_in_fp32, "
-      "bool keep_h, int? seed, int? offset, Generator? generator) -> "
+      "bool keep_h, bool memory_efficient, int? seed, int? offset, Generator? generator) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)",
       seeded);
   m.def(
-      "dropout_add_norm_backward(Tensor grad_y, Tensor? grad_h, Tensor h, Tensor? weight, "
-      "Tensor mean, Tensor rstd, Tensor seed_offset, float p, bool rms, bool per_sample, "
+      "dropout_add_norm_backward(Tensor grad_y, Tensor? grad_h, Tensor saved, bool saved_is_y, "
+      "Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, Tensor seed_offset, float p, "
+      "bool rms, bool per_sample, bool residual_in_fp32, "
       "bool want_grad_h, bool want_grad_weight, bool want_grad_bias, bool want_grad_input_bias) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The pair the next op call on `device` would draw, drawn on the host (ops/rng.cpp).

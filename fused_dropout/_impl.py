@@ -311,13 +311,15 @@ def dropout_add_norm(
     per_sample: bool,
     prenorm: bool,
     residual_in_fp32: bool,
+    memory_efficient: bool = False,
     seed: int | None = None,
     offset: int | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(y, h)``: ``h = residual + dropout(input + input_bias)`` and ``y`` its LayerNorm
     (``rms``: RMSNorm) over the last dim, times ``weight``, plus ``bias``. ``h`` is meaningful
-    only with ``prenorm`` (else the op may leave it unwritten)."""
+    only with ``prenorm`` (else the op may leave it unwritten). ``memory_efficient``: backward
+    keeps ``y`` instead of ``h`` (``weight`` must have no zeros)."""
     check_p(p)
     if eps is None:  # torch's RMSNorm: the eps of the normalized tensor's dtype (h's)
         wide = residual_in_fp32 and input.dtype in (torch.float16, torch.bfloat16)
@@ -334,6 +336,7 @@ def dropout_add_norm(
         per_sample,
         residual_in_fp32,
         prenorm,
+        memory_efficient,
         seed,
         offset,
         generator,

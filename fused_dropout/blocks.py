@@ -90,7 +90,10 @@ def _dropout_add_norm(
             return t
         return t.to(dtype)
 
-    keywords = dict(input_bias=cast(input_bias), per_sample=per_sample, prenorm=prenorm)
+    # memory_efficient: backward keeps y, which the next layer keeps anyway, instead of h.
+    keywords = dict(
+        input_bias=cast(input_bias), per_sample=per_sample, prenorm=prenorm, memory_efficient=True
+    )
     input, residual, weight = cast(input), cast(residual), cast(norm.weight, True)
     if _layers.norm_kind(norm) == "LayerNorm":
         bias = cast(norm.bias, True)

@@ -208,12 +208,14 @@ def dropout_add_layer_norm(
     per_sample: bool = False,
     prenorm: bool = False,
     residual_in_fp32: bool = False,
+    memory_efficient: bool = False,
     generator: Generator = None,
     seed_offset: SeedOffset = None,
 ):
     """``layer_norm(h) * weight + bias`` of ``h = residual + dropout(input + input_bias)``
     (``drop_path``'s per-sample mask with ``per_sample``) in one pass; ``(y, h)`` with
-    ``prenorm``. ``h`` is bitwise our ``dropout_add``; ``residual_in_fp32`` keeps it in fp32."""
+    ``prenorm``. ``h`` is bitwise our ``dropout_add``; ``residual_in_fp32`` keeps it in fp32;
+    ``memory_efficient`` saves ``y``, not ``h``, for backward (``weight`` without zeros)."""
     seed, offset = ops.split_seed_offset(seed_offset)
     y, h = _impl.dropout_add_norm(
         input,
@@ -228,6 +230,7 @@ def dropout_add_layer_norm(
         per_sample,
         prenorm,
         residual_in_fp32,
+        memory_efficient,
         seed,
         offset,
         generator,
@@ -247,6 +250,7 @@ def dropout_add_rms_norm(
     per_sample: bool = False,
     prenorm: bool = False,
     residual_in_fp32: bool = False,
+    memory_efficient: bool = False,
     generator: Generator = None,
     seed_offset: SeedOffset = None,
 ):
@@ -266,6 +270,7 @@ def dropout_add_rms_norm(
         per_sample,
         prenorm,
         residual_in_fp32,
+        memory_efficient,
         seed,
         offset,
         generator,

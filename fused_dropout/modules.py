@@ -218,6 +218,7 @@ class DropoutAddLayerNorm(_FXLeaf, nn.LayerNorm):
         bias: bool = True,
         prenorm: bool = False,
         residual_in_fp32: bool = False,
+        memory_efficient: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -227,6 +228,7 @@ class DropoutAddLayerNorm(_FXLeaf, nn.LayerNorm):
         self.p = p
         self.prenorm = prenorm
         self.residual_in_fp32 = residual_in_fp32
+        self.memory_efficient = memory_efficient
 
     def forward(
         self, input: Tensor, residual: Tensor | None = None
@@ -237,7 +239,7 @@ class DropoutAddLayerNorm(_FXLeaf, nn.LayerNorm):
                 return node
         y, h = _impl.dropout_add_norm(
             input, residual, self.weight, self.bias, None, self.p, self.training, self.eps,
-            False, False, self.prenorm, self.residual_in_fp32,
+            False, False, self.prenorm, self.residual_in_fp32, self.memory_efficient,
         )  # fmt: skip
         if self.prenorm:
             return y, h
@@ -258,6 +260,7 @@ class DropoutAddRMSNorm(_FXLeaf, nn.RMSNorm):
         elementwise_affine: bool = True,
         prenorm: bool = False,
         residual_in_fp32: bool = False,
+        memory_efficient: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -267,6 +270,7 @@ class DropoutAddRMSNorm(_FXLeaf, nn.RMSNorm):
         self.p = p
         self.prenorm = prenorm
         self.residual_in_fp32 = residual_in_fp32
+        self.memory_efficient = memory_efficient
 
     def forward(
         self, input: Tensor, residual: Tensor | None = None
@@ -277,7 +281,7 @@ class DropoutAddRMSNorm(_FXLeaf, nn.RMSNorm):
                 return node
         y, h = _impl.dropout_add_norm(
             input, residual, self.weight, None, None, self.p, self.training, self.eps,
-            True, False, self.prenorm, self.residual_in_fp32,
+            True, False, self.prenorm, self.residual_in_fp32, self.memory_efficient,
         )  # fmt: skip
         if self.prenorm:
             return y, h
@@ -288,5 +292,6 @@ class DropoutAddRMSNorm(_FXLeaf, nn.RMSNorm):
 
 
 def _norm_options(module: nn.Module) -> str:
-    options = [name for name in ("prenorm", "residual_in_fp32") if getattr(module, name)]
+    names = ("prenorm", "residual_in_fp32", "memory_efficient")
+    options = [name for name in names if getattr(module, name)]
     return "".join(f", {name}=True" for name in options)

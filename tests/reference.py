@@ -483,10 +483,14 @@ def ref_norm_backward(
     offset: int,
     rms: bool = False,
     per_sample: bool = False,
+    *,
+    y: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ):
     """``(grad_input, grad_h, grad_weight, grad_bias, grad_input_bias)`` of :func:`ref_norm`.
 
-    Per row in the compute type, with xhat = (h - mean) * rstd (RMSNorm: h * rstd) and
+    Per row in the compute type, with xhat = (h - mean) * rstd (RMSNorm: h * rstd), or, given
+    the output ``y`` (memory_efficient), xhat = (y - bias) / weight (h gives only its dtype); and
     g = dy * weight: c1 = S(g * xhat) / n, c2 = S(g) / n, dh = (g - (xhat * c1 + c2)) * rstd
     (RMSNorm: (g - xhat * c1) * rstd), plus dh_in; grad_h = dh rounded to h's dtype;
     grad_input = dropout of dh (the forward's mask and scale) rounded to dy's dtype. Column
@@ -494,9 +498,16 @@ def ref_norm_backward(
     dy, h = dy.detach().cpu(), h.detach().cpu()
     cdt = compute_dtype(dy.dtype)
     n = dy.shape[-1]
-    hv = h.to(cdt).reshape(-1, n)
-    dev = hv if rms else hv - mean.to(cdt)[:, None]
-    xhat = dev * rstd.to(cdt)[:, None]
+    if y is None:
+        hv = h.to(cdt).reshape(-1, n)
+        dev = hv if rms else hv - mean.to(cdt)[:, None]
+        xhat = dev * rstd.to(cdt)[:, None]
+    else:
+        xhat = y.detach().cpu().to(cdt).reshape(-1, n)
+        if bias is not None:
+            xhat = xhat - bias.detach().cpu().to(cdt)
+        if weight is not None:
+            xhat = xhat / weight.detach().cpu().to(cdt)
     dyv = dy.to(cdt).reshape(-1, n)
     g = dyv if weight is None else dyv * weight.detach().cpu().to(cdt)
     c1 = _divide(row_sum(g * xhat), n)

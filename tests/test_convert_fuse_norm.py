@@ -201,6 +201,32 @@ def test_bert_trains_with_the_same_masks(functional):
     train_losses(fused, (IDS,), _ce(LABELS), steps=8, lr=1e-2)
 
 
+def _saved_bytes(model, inputs):
+    """Bytes of the distinct storages autograd saves in one training forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.train()(inputs)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("make", ["bert", "vit"])
+def test_fuse_norm_saves_less_for_backward(make):
+    """The fused op keeps y, which the next layer keeps anyway, not h as LayerNorm(h) does:
+    one activation less per fused norm (the row statistics stay; the op's pair is 16 B)."""
+    model, inputs = (_bert(), IDS) if make == "bert" else (_vit(), torch.randn(2, 3, 32, 32))
+    plain, _ = fused_dropout.convert(copy.deepcopy(model), functional=True)
+    fused, counts = fused_dropout.convert(copy.deepcopy(model), functional=True, fuse_norm=True)
+    fused_norms = sum(v for k, v in counts.items() if k.startswith("fuse_norm:"))
+    activation = (IDS.numel() if make == "bert" else 2 * 17) * 32 * 4  # rows x hidden x fp32
+    less = _saved_bytes(plain, inputs) - _saved_bytes(fused, inputs)
+    assert less >= fused_norms * (activation - 16), (less, fused_norms, activation)
+
+
 def test_bert_dense_bias_goes_into_the_op():
     """The Linear's bias is the op's input_bias: the Linear runs without it."""
     model, _ = fused_dropout.convert(_bert(), fuse_norm=True)

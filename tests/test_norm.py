@@ -184,6 +184,7 @@ def _check_against_torch(
     bias=True,
     prenorm=False,
     layout=None,
+    memory_efficient=False,
 ):
     """Forward and backward of ours against torch's composition (FlashAttention's rule)."""
     x, r, w, b, ib = _operands(
@@ -208,6 +209,7 @@ def _check_against_torch(
         input_bias=ib,
         per_sample=per_sample,
         prenorm=prenorm,
+        memory_efficient=memory_efficient,
         seed_offset=SEED_OFFSET,
     )
     y, h = out if prenorm else (out, None)
@@ -270,12 +272,80 @@ def test_hidden_65536(dtype):
         dict(bias=False),
         dict(wdt=torch.float32),
         dict(prenorm=True, per_sample=True, input_bias=True),
+        dict(memory_efficient=True),
+        dict(memory_efficient=True, prenorm=True, input_bias=True),
+        dict(memory_efficient=True, weight=False, bias=False),
+        dict(memory_efficient=True, wdt=torch.float32),
     ],
     ids=lambda v: "-".join(f"{k}={getattr(x, 'name', x)}" for k, x in v.items()),
 )
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_options_match_torch_composition(rms, variant, dtype):
     _check_against_torch((3, 4, 72), dtype, rms, 0.3, **variant)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_memory_efficient_matches_torch_composition(dtype, rms):
+    _check_against_torch((4, 7, 96), dtype, rms, 0.25, input_bias=True, memory_efficient=True)
+
+
+def _saved_by_backward(fn):
+    """The tensors autograd saves while ``fn()`` runs, and what it returned."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@pytest.mark.parametrize("prenorm", [False, True], ids=["postnorm", "prenorm"])
+def test_memory_efficient_saves_y_not_h(prenorm):
+    """memory_efficient keeps the output (which the next layer keeps anyway), never h; the
+    default keeps h. Either way no mask and nothing else of the activation's size."""
+    x, r, w, b, _ = _operands((4, 6, 32), torch.float32)
+    for t in (x, r, w, b):
+        t.requires_grad_()
+
+    def run(memory_efficient):
+        return _call(False, x, r, w, b, 0.3, prenorm=prenorm, memory_efficient=memory_efficient)
+
+    for memory_efficient in (False, True):
+        saved, out = _saved_by_backward(lambda: run(memory_efficient))
+        y = out[0] if prenorm else out
+        big = [t for t in saved if t.numel() == x.numel()]
+        assert len(big) == 1, [tuple(t.shape) for t in saved]
+        assert (big[0].untyped_storage().data_ptr() == y.untyped_storage().data_ptr()) == (
+            memory_efficient
+        ), f"memory_efficient={memory_efficient}"
+
+
+def test_memory_efficient_zero_weight_is_a_clear_error():
+    x, r, w, b, _ = _operands((3, 16), torch.float32)
+    w = w.detach().clone()
+    w[5] = 0.0
+    x.requires_grad_()
+    y = FD.dropout_add_layer_norm(x, r, w, b, 0.2, memory_efficient=True)
+    with pytest.raises(RuntimeError, match="memory_efficient=True needs a weight with no zeros"):
+        y.sum().backward()
+    # the default keeps h and handles it
+    y = FD.dropout_add_layer_norm(x, r, w, b, 0.2)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert gx.isfinite().all()
+
+
+def test_memory_efficient_output_changed_in_place_raises():
+    """y is saved: changing it in place before backward raises, as for any saved tensor."""
+    x, r, w, b, _ = _operands((3, 16), torch.float32)
+    x.requires_grad_()
+    y = FD.dropout_add_layer_norm(x, r, w, b, 0.2, memory_efficient=True)
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 def test_non_contiguous_inputs():
@@ -383,6 +453,7 @@ def _op_case(
         per_sample,
         residual_in_fp32,
         True,
+        False,
         ref.seed_to_int64(seed),
         offset,
         None,
@@ -404,14 +475,19 @@ def _op_case(
     same(y, want[0], "y")
     dy = randn(shape, dtype, 11)
     dh_in = randn(shape, h.dtype, 12)
-    grads = torch.ops.fused_dropout.dropout_add_norm_backward(
-        dy, dh_in, h, w, mean, rstd, pair, p, rms, per_sample, True, True, True, True
-    )
-    wants = ref.ref_norm_backward(dy, dh_in, h, w, want[2], rstd, p, seed, offset, rms, per_sample)
-    for name, got, expected in zip(
-        ("grad_input", "grad_h", "grad_weight", "grad_bias", "grad_input_bias"), grads, wants
-    ):
-        same(got, expected, name)
+    for saved_is_y in (False, True):  # backward from h, and from y (memory_efficient)
+        grads = torch.ops.fused_dropout.dropout_add_norm_backward(
+            dy, dh_in, y if saved_is_y else h, saved_is_y, w, b, mean, rstd, pair, p, rms,
+            per_sample, residual_in_fp32, True, True, True, True,
+        )  # fmt: skip
+        from_y = dict(y=y, bias=b) if saved_is_y else {}
+        wants = ref.ref_norm_backward(
+            dy, dh_in, h, w, want[2], rstd, p, seed, offset, rms, per_sample, **from_y
+        )
+        for name, got, expected in zip(
+            ("grad_input", "grad_h", "grad_weight", "grad_bias", "grad_input_bias"), grads, wants
+        ):
+            same(got, expected, f"{name} (from {'y' if saved_is_y else 'h'})")
 
 
 @pytest.mark.cpu_paths
@@ -464,15 +540,21 @@ def test_bitwise_options(variant, dtype):
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 @pytest.mark.parametrize("keep_h", [False, True], ids=["y", "y_and_h"])
-def test_opcheck(rms, keep_h):
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["save_h", "save_y"])
+def test_opcheck(rms, keep_h, memory_efficient):
     x, r, w, b, ib = _operands((3, 4, 24), torch.float32, input_bias=True)
     for t in (x, r, w, b, ib):
         t.requires_grad_()
-    args = (x, r, w, None if rms else b, ib, 0.3, 1e-5, rms, False, False, keep_h, 7, 8, None)
+    b = None if rms else b
+    args = (x, r, w, b, ib, 0.3, 1e-5, rms, False, False, keep_h, memory_efficient, 7, 8, None)
     torch.library.opcheck(torch.ops.fused_dropout.dropout_add_norm.default, args)
-    y, h, mean, rstd, pair = torch.ops.fused_dropout.dropout_add_norm(*args[:10], True, 7, 8, None)
-    backward = (randn(x.shape, x.dtype, 3), randn(x.shape, x.dtype, 4), h.detach(), w.detach())
+    y, h, mean, rstd, pair = torch.ops.fused_dropout.dropout_add_norm(
+        *args[:10], True, False, 7, 8, None
+    )
+    saved = (y if memory_efficient else h).detach()
+    backward = (randn(x.shape, x.dtype, 3), randn(x.shape, x.dtype, 4), saved, memory_efficient)
     torch.library.opcheck(
         torch.ops.fused_dropout.dropout_add_norm_backward.default,
-        (*backward, mean, rstd, pair, 0.3, rms, False, True, True, not rms, True),
-    )
+        (*backward, w.detach(), None if b is None else b.detach(), mean, rstd, pair, 0.3, rms,
+         False, False, True, True, not rms, True),
+    )  # fmt: skip

@@ -151,6 +151,13 @@ FD_HD acc_t affine_out(acc_t xhat, acc_t weight, acc_t bias) {
   return kBias ? add_rn(y, bias) : y;
 }
 
+// xhat recovered from the output as stored (memory_efficient backward): (y - bias) / weight,
+// with weight 1 and bias 0 where absent (then exact). Needs a weight with no zeros.
+template <typename acc_t>
+FD_HD acc_t xhat_from_y(acc_t y, acc_t weight, acc_t bias) {
+  return div_rn(sub_rn(y, bias), weight);
+}
+
 // Backward: the gradient of h from g = dy * weight, xhat, the row's rstd and the row
 // constants c1 = S(g * xhat) / n, c2 = S(g) / n (LayerNorm; RMSNorm has no c2):
 //   LayerNorm (g - (xhat * c1 + c2)) * rstd,   RMSNorm (g - xhat * c1) * rstd.
@@ -191,10 +198,12 @@ struct NormBackwardArgs {
   bool weight_fp32 = false;
   bool rms = false;
   const void* dy = nullptr;
-  const void* dh_in = nullptr;  // the gradient flowing into h itself (prenorm), or null
-  const void* h = nullptr;
+  const void* dh_in = nullptr;   // the gradient flowing into h itself (prenorm), or null
+  const void* saved = nullptr;   // h as stored (h's dtype), or y as stored (dtype) if saved_is_y
+  bool saved_is_y = false;       // xhat = xhat_from_y(y, weight, bias), not from h and the mean
   const void* weight = nullptr;  // or null
-  const void* mean = nullptr;    // or null (RMSNorm)
+  const void* bias = nullptr;    // weight's dtype, or null; read only if saved_is_y
+  const void* mean = nullptr;    // or null (RMSNorm, saved_is_y)
   const void* rstd = nullptr;
   void* grad_input = nullptr;
   void* grad_h = nullptr;           // or null (not needed)

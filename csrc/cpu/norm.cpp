@@ -215,6 +215,8 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a,
   using acc = typename S::acc;
   const int64_t cols = a.cols, blocks = row_blocks(a.rows);
   const Vector<acc> weight = row_vector<acc, D>(a.weight, a.weight_fp32, cols, acc(1));
+  const Vector<acc> bias =
+      row_vector<acc, D>(a.saved_is_y ? a.bias : nullptr, a.weight_fp32, cols, acc(0));
   const AffineConsts<acc> consts = AffineConsts<acc>::make(a.affine);
   // The column sums' partials, one [blocks][cols] slab per sum asked for.
   acc* next = static_cast<acc*>(a.partials);
@@ -240,12 +242,19 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a,
         if (p) std::fill(p, p + cols, acc(0));
       }
       for (int64_t r = b * kRowBlock; r < std::min(a.rows, (b + 1) * kRowBlock); ++r) {
-        const RowStats<acc> stats{kRms ? acc(0) : static_cast<const acc*>(a.mean)[r],
-                                  static_cast<const acc*>(a.rstd)[r]};
-        const hraw* h = static_cast<const hraw*>(a.h) + r * cols;
+        const RowStats<acc> stats{
+            kRms || a.saved_is_y ? acc(0) : static_cast<const acc*>(a.mean)[r],
+            static_cast<const acc*>(a.rstd)[r]};
         const raw* dy = static_cast<const raw*>(a.dy) + r * cols;
+        if (a.saved_is_y) {
+          const raw* y = static_cast<const raw*>(a.saved) + r * cols;
+          for (int64_t c = 0; c < cols; ++c)
+            xhat[c] = xhat_from_y(S::load(y[c]), weight[c], bias[c]);
+        } else {
+          const hraw* h = static_cast<const hraw*>(a.saved) + r * cols;
+          for (int64_t c = 0; c < cols; ++c) xhat[c] = normalized<kRms>(Hs::load(h[c]), stats);
+        }
         for (int64_t c = 0; c < cols; ++c) {
-          xhat[c] = normalized<kRms>(Hs::load(h[c]), stats);
           dyv[c] = S::load(dy[c]);
           g[c] = mul_rn(dyv[c], weight[c]);
         }

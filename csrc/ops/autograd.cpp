@@ -135,15 +135,17 @@ struct DropoutAddFunction : torch::autograd::Function<DropoutAddFunction> {
   }
 };
 
-// The fused dropout + add + norm. Saves h, the rows' mean and rstd, the weight and the pair;
-// no mask. Backward gives every input's gradient in one pass (and the column sums).
+// The fused dropout + add + norm. Saves h (memory_efficient: y, which the next layer keeps
+// anyway, with the bias), the rows' mean and rstd, the weight and the pair; no mask. Backward
+// gives every input's gradient in one pass (and the column sums).
 struct DropoutAddNormFunction : torch::autograd::Function<DropoutAddNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input,
                                const optional<Tensor>& residual, const optional<Tensor>& weight,
                                const optional<Tensor>& bias, const optional<Tensor>& input_bias,
                                double p, double eps, bool rms, bool per_sample,
-                               bool residual_in_fp32, bool keep_h, optional<int64_t> seed,
-                               optional<int64_t> offset, optional<at::Generator> generator) {
+                               bool residual_in_fp32, bool keep_h, bool memory_efficient,
+                               optional<int64_t> seed, optional<int64_t> offset,
+                               optional<at::Generator> generator) {
     const auto wants = [](const optional<Tensor>& t) { return t && t->requires_grad(); };
     const bool any_grad = input.requires_grad() || wants(residual) || wants(weight) ||
                           wants(bias) || wants(input_bias);
@@ -152,11 +154,17 @@ struct DropoutAddNormFunction : torch::autograd::Function<DropoutAddNormFunction
       at::AutoDispatchBelowADInplaceOrView guard;
       static auto op =
           op_handle<decltype(dropout_add_norm_kernel)>("fused_dropout::dropout_add_norm");
-      std::tie(y, h, mean, rstd, pair) =
-          op.call(input, residual, weight, bias, input_bias, p, eps, rms, per_sample,
-                  residual_in_fp32, keep_h || any_grad, seed, offset, generator);
+      std::tie(y, h, mean, rstd, pair) = op.call(
+          input, residual, weight, bias, input_bias, p, eps, rms, per_sample, residual_in_fp32,
+          keep_h || (any_grad && !memory_efficient), memory_efficient, seed, offset, generator);
     }
-    ctx->save_for_backward({h, weight.value_or(Tensor()), mean, rstd, pair});
+    // y is one of this node's outputs: autograd keeps it without a reference cycle, and an
+    // in-place change of it before backward raises.
+    ctx->save_for_backward({memory_efficient ? y : h, weight.value_or(Tensor()),
+                            memory_efficient ? bias.value_or(Tensor()) : Tensor(), mean, rstd,
+                            pair});
+    ctx->saved_data["memory_efficient"] = memory_efficient;
+    ctx->saved_data["residual_in_fp32"] = residual_in_fp32;
     ctx->saved_data["p"] = p;
     ctx->saved_data["rms"] = rms;
     ctx->saved_data["per_sample"] = per_sample;
@@ -181,20 +189,24 @@ struct DropoutAddNormFunction : torch::autograd::Function<DropoutAddNormFunction
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "fused_dropout.dropout_add_norm: double backward (create_graph=True) is not "
                 "supported");
-    const Tensor &h = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3],
-                 &pair = saved[4];
+    const Tensor &h_or_y = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3],
+                 &rstd = saved[4], &pair = saved[5];
     // (Undefined gradients come materialized as zeros.) An h that went out (prenorm) brings
     // its own gradient.
-    const optional<Tensor> grad_h = grads[1].defined() && grads[1].sizes() == h.sizes()
+    const optional<Tensor> grad_h = grads[1].defined() && grads[1].sizes() == grads[0].sizes()
                                         ? optional<Tensor>(grads[1])
                                         : std::nullopt;
     const auto flag = [&](const char* name) { return ctx->saved_data[name].toBool(); };
     static auto op = op_handle<decltype(dropout_add_norm_backward_kernel)>(
         "fused_dropout::dropout_add_norm_backward");
-    auto [grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias] = op.call(
-        grads[0], grad_h, h, weight.defined() ? optional<Tensor>(weight) : std::nullopt, mean, rstd,
-        pair, ctx->saved_data["p"].toDouble(), flag("rms"), flag("per_sample"),
-        flag("grad_residual"), flag("grad_weight"), flag("grad_bias"), flag("grad_input_bias"));
+    const auto defined = [](const Tensor& t) {
+      return t.defined() ? optional<Tensor>(t) : std::nullopt;
+    };
+    auto [grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias] =
+        op.call(grads[0], grad_h, h_or_y, flag("memory_efficient"), defined(weight), defined(bias),
+                mean, rstd, pair, ctx->saved_data["p"].toDouble(), flag("rms"), flag("per_sample"),
+                flag("residual_in_fp32"), flag("grad_residual"), flag("grad_weight"),
+                flag("grad_bias"), flag("grad_input_bias"));
     // Returned in each input's dtype (the column sums come in the compute type).
     const auto as = [&](Tensor t, const char* dtype, bool wanted) {
       if (!wanted) return Tensor();
@@ -206,7 +218,7 @@ struct DropoutAddNormFunction : torch::autograd::Function<DropoutAddNormFunction
          as(grad_weight, "weight_dtype", flag("grad_weight")),
          as(grad_bias, "bias_dtype", flag("grad_bias")),
          flag("grad_input_bias") ? grad_input_bias.to(grad_input.scalar_type()) : Tensor()},
-        14);
+        15);
   }
 };
 
@@ -254,11 +266,11 @@ std::tuple<Tensor, Tensor> dropout_add_autograd(const Tensor& input, const Tenso
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_norm_autograd(
     const Tensor& input, const optional<Tensor>& residual, const optional<Tensor>& weight,
     const optional<Tensor>& bias, const optional<Tensor>& input_bias, double p, double eps,
-    bool rms, bool per_sample, bool residual_in_fp32, bool keep_h, optional<int64_t> seed,
-    optional<int64_t> offset, optional<at::Generator> generator) {
-  auto out =
-      DropoutAddNormFunction::apply(input, residual, weight, bias, input_bias, p, eps, rms,
-                                    per_sample, residual_in_fp32, keep_h, seed, offset, generator);
+    bool rms, bool per_sample, bool residual_in_fp32, bool keep_h, bool memory_efficient,
+    optional<int64_t> seed, optional<int64_t> offset, optional<at::Generator> generator) {
+  auto out = DropoutAddNormFunction::apply(input, residual, weight, bias, input_bias, p, eps, rms,
+                                           per_sample, residual_in_fp32, keep_h, memory_efficient,
+                                           seed, offset, generator);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 

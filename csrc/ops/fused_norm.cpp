@@ -39,8 +39,8 @@ optional<Tensor> contiguous(const optional<Tensor>& t) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_norm_kernel(
     const Tensor& input, const optional<Tensor>& residual, const optional<Tensor>& weight,
     const optional<Tensor>& bias, const optional<Tensor>& input_bias, double p, double eps,
-    bool rms, bool per_sample, bool residual_in_fp32, bool keep_h, optional<int64_t> seed,
-    optional<int64_t> offset, optional<at::Generator> generator) {
+    bool rms, bool per_sample, bool residual_in_fp32, bool keep_h, bool /*memory_efficient*/,
+    optional<int64_t> seed, optional<int64_t> offset, optional<at::Generator> generator) {
   const RngSource rng{seed, offset, generator};
   check_op(input, p, -1, rng, kOp);
   TORCH_CHECK(input.dim() >= 1, "fused_dropout.", kOp,
@@ -115,55 +115,75 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_norm_kernel(
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_norm_backward_kernel(
-    const Tensor& grad_y, const optional<Tensor>& grad_h, const Tensor& h,
-    const optional<Tensor>& weight, const Tensor& mean, const Tensor& rstd,
-    const Tensor& seed_offset, double p, bool rms, bool per_sample, bool want_grad_h,
-    bool want_grad_weight, bool want_grad_bias, bool want_grad_input_bias) {
+    const Tensor& grad_y, const optional<Tensor>& grad_h, const Tensor& saved, bool saved_is_y,
+    const optional<Tensor>& weight, const optional<Tensor>& bias, const Tensor& mean,
+    const Tensor& rstd, const Tensor& seed_offset, double p, bool rms, bool per_sample,
+    bool residual_in_fp32, bool want_grad_h, bool want_grad_weight, bool want_grad_bias,
+    bool want_grad_input_bias) {
   constexpr const char* op = "dropout_add_norm_backward";
   RngSource rng;
   rng.pair = &seed_offset;
   check_op(grad_y, p, -1, rng, op);
-  TORCH_CHECK(grad_y.dim() >= 1 && h.sizes() == grad_y.sizes() && h.device() == grad_y.device(),
-              "fused_dropout.", op, ": h must match grad_y's shape ", grad_y.sizes(),
-              " and device, got ", h.sizes(), " on ", h.device());
-  const bool wide = h.scalar_type() != grad_y.scalar_type();
-  TORCH_CHECK(!wide || wide_h(grad_y, true) && h.scalar_type() == at::kFloat, "fused_dropout.", op,
-              ": h has dtype ", h.scalar_type(), " for a grad_y of dtype ", grad_y.scalar_type());
+  const bool wide = wide_h(grad_y, residual_in_fp32);
+  const at::ScalarType h_type = wide ? at::kFloat : grad_y.scalar_type();
+  const at::ScalarType saved_type = saved_is_y ? grad_y.scalar_type() : h_type;
+  TORCH_CHECK(grad_y.dim() >= 1 && saved.sizes() == grad_y.sizes() &&
+                  saved.device() == grad_y.device() && saved.scalar_type() == saved_type,
+              "fused_dropout.", op, ": saved (", saved_is_y ? "y" : "h",
+              ") must have grad_y's shape ", grad_y.sizes(), ", device and dtype ", saved_type,
+              ", got ", saved.sizes(), " ", saved.scalar_type(), " on ", saved.device());
   if (grad_h) {
-    TORCH_CHECK(grad_h->sizes() == h.sizes() && grad_h->scalar_type() == h.scalar_type() &&
-                    grad_h->device() == h.device(),
-                "fused_dropout.", op, ": grad_h must match h");
+    TORCH_CHECK(grad_h->sizes() == grad_y.sizes() && grad_h->scalar_type() == h_type &&
+                    grad_h->device() == grad_y.device(),
+                "fused_dropout.", op, ": grad_h must match h (shape ", grad_y.sizes(), ", dtype ",
+                h_type, ")");
   }
   if (weight) check_row_vector(grad_y, *weight, "weight", true, op);
+  if (bias) {
+    check_row_vector(grad_y, *bias, "bias", true, op);
+    TORCH_CHECK_TYPE(!weight || bias->scalar_type() == weight->scalar_type(), "fused_dropout.", op,
+                     ": bias has dtype ", bias->scalar_type(), " but weight has dtype ",
+                     weight ? weight->scalar_type() : bias->scalar_type());
+  }
+  // xhat = (y - bias) / weight is lost where a weight is 0: checked where it is cheap (the CPU).
+  TORCH_CHECK(!saved_is_y || !weight || !weight->is_cpu() || !weight->eq(0).any().item<bool>(),
+              "fused_dropout.", op,
+              ": memory_efficient=True needs a weight with no zeros (xhat = (y - bias) / weight); "
+              "use memory_efficient=False");
   const int64_t cols = grad_y.size(-1);
   const int64_t rows = c10::multiply_integers(grad_y.sizes().slice(0, grad_y.dim() - 1));
   const auto acc = grad_y.options().dtype(compute_type(grad_y));
+  const bool needs_mean = !rms && !saved_is_y;
   TORCH_CHECK(rstd.numel() == rows && rstd.scalar_type() == acc.dtype() &&
-                  (rms || (mean.numel() == rows && mean.scalar_type() == acc.dtype())),
+                  (!needs_mean || (mean.numel() == rows && mean.scalar_type() == acc.dtype())),
               "fused_dropout.", op, ": mean and rstd must hold one ", acc.dtype(), " per row (",
               rows, ")");
 
   Tensor grad_input = at::empty(grad_y.sizes(), grad_y.options());
-  Tensor grad_h_out = at::empty(want_grad_h ? h.sizes() : at::IntArrayRef{0}, h.options());
+  Tensor grad_h_out =
+      at::empty(want_grad_h ? grad_y.sizes() : at::IntArrayRef{0}, grad_y.options().dtype(h_type));
   const auto column = [&](bool want) { return at::empty({want ? cols : 0}, acc); };
   Tensor grad_weight = column(want_grad_weight), grad_bias = column(want_grad_bias),
          grad_input_bias = column(want_grad_input_bias);
   const int64_t sums = want_grad_weight + want_grad_bias + want_grad_input_bias;
   Tensor partials = at::empty({sums, row_blocks(rows), cols}, acc);
 
-  const Tensor dy = grad_y.contiguous(), hc = h.contiguous();
-  const optional<Tensor> dh_in = contiguous(grad_h), w = contiguous(weight);
+  const Tensor dy = grad_y.contiguous(), saved_c = saved.contiguous();
+  const optional<Tensor> dh_in = contiguous(grad_h), w = contiguous(weight), b = contiguous(bias);
   const Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   NormBackwardArgs args;
   args.dtype = kernel_dtype(grad_y, op);
   args.wide_h = wide;
-  args.weight_fp32 = w && w->scalar_type() == at::kFloat && grad_y.scalar_type() != at::kFloat;
+  const optional<Tensor>& wb = w ? w : b;
+  args.weight_fp32 = wb && wb->scalar_type() == at::kFloat && grad_y.scalar_type() != at::kFloat;
   args.rms = rms;
   args.dy = dy.const_data_ptr();
   args.dh_in = dh_in ? dh_in->const_data_ptr() : nullptr;
-  args.h = hc.const_data_ptr();
+  args.saved = saved_c.const_data_ptr();
+  args.saved_is_y = saved_is_y;
   args.weight = w ? w->const_data_ptr() : nullptr;
-  args.mean = rms ? nullptr : mean_c.const_data_ptr();
+  args.bias = saved_is_y && b ? b->const_data_ptr() : nullptr;
+  args.mean = needs_mean ? mean_c.const_data_ptr() : nullptr;
   args.rstd = rstd_c.const_data_ptr();
   args.grad_input = grad_input.mutable_data_ptr();
   args.grad_h = want_grad_h ? grad_h_out.mutable_data_ptr() : nullptr;

@@ -59,6 +59,13 @@ def dropout_add(x: Tensor, residual: Tensor, p: float) -> Tensor:
     return residual + F.dropout(x, p, True)
 
 
+def dropout_add_layer_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, p: float
+) -> Tensor:
+    """BERT's ``LayerNorm(dropout(dense(h)) + input)`` after the dense layer."""
+    return F.layer_norm(residual + F.dropout(x, p, True), weight.shape, weight, bias)
+
+
 def drop_path_add(residual: Tensor, branch: Tensor, p: float) -> Tensor:
     """timm's block: ``x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))``."""
     return residual + drop_path(branch, p, True)

@@ -5,14 +5,14 @@ Every kernel an implementation launches reads each of its tensor operands once
 and writes each result once; caches, and temporaries inside a kernel, are
 ignored. Units: T = one full tensor (numel * itemsize), K = the noise/mask
 tensor in the input's dtype (mask elements * itemsize), B = a bool mask
-(1 byte per mask element), b = the bias.
+(1 byte per mask element), b = the bias (and a norm's weight).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.ops import Op, full_inputs, mask_numel
+from bench.ops import VECTORS, Op, full_inputs, mask_numel
 
 
 @dataclass(frozen=True)
@@ -20,14 +20,14 @@ class Dims:
     T: int  # bytes of one full-size tensor
     K: int  # bytes of the mask in the input dtype
     B: int  # bytes of a bool mask
-    b: int  # bytes of the bias (0 if none)
+    b: int  # bytes of the bias and weight vectors (0 if none)
     inputs: int  # full-size inputs read by the forward (1, or 2 for the fused adds)
 
 
 def dims_of(op: Op, inputs) -> Dims:
     full = full_inputs(op, inputs)
     x, m = full[0], mask_numel(op, tuple(full[0].shape))
-    bias = sum(t.nbytes for a, t in zip(op.args, inputs) if a == "bias")
+    bias = sum(t.nbytes for a, t in zip(op.args, inputs) if a in VECTORS)
     return Dims(x.nbytes, m * x.element_size(), m, bias, len(full))
 
 
@@ -88,9 +88,27 @@ def _limit(d: Dims) -> tuple[list[Step], list[Step]]:
     return [(name, d.inputs * d.T, d.T)], [("grad * 2", d.T, d.T)]
 
 
+def _norm(op: Op, impl: str, d: Dims, device: str) -> tuple[list[Step], list[Step]]:
+    """dropout + add + LayerNorm. Backward keeps h (T): LayerNorm's input, or the fused op's."""
+    T, b = d.T, d.b
+    norm_fwd = [("layer_norm", T + b, T + T)]  # reads h, writes y and keeps h alive
+    norm_bwd = [("layer_norm_backward", 2 * T + b, T + b)]  # dy, h -> dh, dweight, dbias
+    if impl == "ours":  # one pass each way; the mask comes back from the pair
+        return [("fused kernel", 2 * T + b, 2 * T)], [("fused backward", 2 * T + b, 2 * T + b)]
+    if impl == "compile":  # one forward kernel writing y, h and a bool mask
+        fwd = [("fused kernel", 2 * T + b, 2 * T + d.B)]
+        return fwd, [("fused backward", 2 * T + d.B + b, 2 * T + b)]
+    if impl == "unfused":  # our dropout_add, then torch's LayerNorm
+        return [("dropout_add", 2 * T, T)] + norm_fwd, norm_bwd + [("dropout backward", T, T)]
+    fwd, bwd = _eager_dropout(op, d, device)
+    return fwd + [("residual + y", 2 * T, T)] + norm_fwd, norm_bwd + bwd
+
+
 def steps(op: Op, impl: str, d: Dims, device: str) -> dict[str, list[Step]]:
     """{"fwd", "bwd", "fwdbwd"} -> the kernels of ``impl`` with their traffic."""
-    if impl == "ours":  # regenerates the mask in backward from 16 bytes
+    if op.norm and impl != "limit":
+        fwd, bwd = _norm(op, impl, d, device)
+    elif impl == "ours":  # regenerates the mask in backward from 16 bytes
         fwd, bwd = _fused(d, 0)
     elif impl == "compile":  # inductor fuses, and saves a mask (see _compiled_mask)
         fwd, bwd = _fused(d, _compiled_mask(op, d))

@@ -24,16 +24,21 @@ P_DEFAULT = 0.1
 class Op:
     name: str
     kind: str  # layout kind, see shapes.layout_for; also fixes the mask's size
-    args: tuple[str, ...]  # input names; "bias" is 1-D over the last dim, others full-size
+    args: tuple[str, ...]  # input names; VECTORS are 1-D over the last dim, others full-size
     eager: Callable  # eager(*inputs, p): what a user writes today
     ours: Callable  # ours(functional, *inputs, p)
     needs: tuple[str, ...]  # functions of fused_dropout.functional it calls
     baseline: str  # what `eager` is, for the table
     fused_add: bool = False  # the limit is `a + b` instead of `x * 2`
+    unfused: Callable | None = None  # unfused(functional, *inputs, p): ours, op by op
+    norm: bool = False  # a norm over the last dim follows (bytes_model's norm rows)
 
     @property
     def alpha(self) -> bool:
         return "alpha" in self.name
+
+
+VECTORS = ("bias", "weight")
 
 
 def _channel(fd, x, p):
@@ -69,6 +74,20 @@ OPS = (
         needs=("bias_dropout_add",),
         baseline="Megatron bias_dropout_add",
         fused_add=True,
+    ),
+    Op(
+        name="dropout_add_layer_norm",
+        kind="bias",
+        args=("x", "residual", "weight", "bias"),
+        eager=baselines.dropout_add_layer_norm,
+        ours=lambda fd, x, r, w, b, p: fd.dropout_add_layer_norm(x, r, w, b, p, True),
+        needs=("dropout_add_layer_norm", "dropout_add"),
+        baseline="F.layer_norm(r + F.dropout(x))",
+        fused_add=True,
+        unfused=lambda fd, x, r, w, b, p: F.layer_norm(
+            fd.dropout_add(x, r, p, True), w.shape, w, b
+        ),
+        norm=True,
     ),
     Op(
         name="drop_path",
@@ -152,10 +171,10 @@ def make_inputs(op: Op, shape: Shape, dtype, device) -> tuple[torch.Tensor, ...]
         return None
     return tuple(
         make_tensor(
-            dims[-1:] if a == "bias" else dims,
+            dims[-1:] if a in VECTORS else dims,
             dtype,
             device,
-            channels_last=shape.channels_last and a != "bias",
+            channels_last=shape.channels_last and a not in VECTORS,
         )
         for a in op.args
     )
@@ -173,6 +192,8 @@ def mask_numel(op: Op, dims: tuple[int, ...]) -> int:
 def implementations(op: Op, functional, compiled, p: float) -> dict[str, Callable]:
     """name -> f(*inputs) returning the op's output: ours and the baselines."""
     impls = {"ours": lambda *a: op.ours(functional, *a, p), "eager": lambda *a: op.eager(*a, p)}
+    if op.unfused is not None:
+        impls["unfused"] = lambda *a: op.unfused(functional, *a, p)
     if compiled is not None:
         impls["compile"] = compiled
     return impls
@@ -190,8 +211,8 @@ def compile_baseline(op: Op, p: float):
 
 
 def full_inputs(op: Op, inputs) -> list[torch.Tensor]:
-    """The inputs of the output's size (all but the bias)."""
-    return [t for a, t in zip(op.args, inputs) if a != "bias"]
+    """The inputs of the output's size (all but the bias and weight)."""
+    return [t for a, t in zip(op.args, inputs) if a not in VECTORS]
 
 
 def limit_inputs(op: Op, inputs) -> tuple[torch.Tensor, ...]:

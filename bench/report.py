@@ -46,6 +46,7 @@ def rows(records: list[dict]) -> list[dict]:
                 "spread": (ours["p75_us"] - ours["p25_us"]) / 2 / ours["median_us"],
                 "vs_eager": g["eager"]["time_vs_ours"] if "eager" in g else None,
                 "vs_compile": g["compile"]["time_vs_ours"] if "compile" in g else None,
+                "vs_unfused": g["unfused"]["time_vs_ours"] if "unfused" in g else None,
                 "ours_over_limit": 1 / g["limit"]["time_vs_ours"] if "limit" in g else None,
                 "gbps": ours["gbps"],
                 "pct_peak": ours["pct_peak"],
@@ -72,20 +73,22 @@ def _bytes(n) -> str:
 def time_table(rs: list[dict]) -> str:
     head = (
         f"{'op':<22}{'shape':<9}{'dtype':<6}{'pass':<7}{'ours us':>10}{'+-':>5}"
-        f"{'eager/ours':>11}{'compile/ours':>13}{'ours/limit':>11}{'GB/s':>8}{'%peak':>7}"
+        f"{'eager/ours':>11}{'compile/ours':>13}{'unfused/ours':>13}{'ours/limit':>11}"
+        f"{'GB/s':>8}{'%peak':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rs:
         lines.append(
             f"{r['op']:<22}{r['shape']:<9}{r['dtype']:<6}{r['pass']:<7}{r['ours_us']:>10.1f}"
             f"{r['spread'] * 100:>4.0f}%{_x(r['vs_eager']):>11}{_x(r['vs_compile']):>13}"
-            f"{_x(r['ours_over_limit']):>11}{r['gbps']:>8.1f}{r['pct_peak']:>6.0f}%"
+            f"{_x(r['vs_unfused']):>13}{_x(r['ours_over_limit']):>11}{r['gbps']:>8.1f}"
+            f"{r['pct_peak']:>6.0f}%"
         )
     return "\n".join(lines)
 
 
 def memory_table(rs: list[dict]) -> str:
-    impls = ("ours", "eager", "compile")
+    impls = ("ours", "eager", "compile", "unfused")
     head = (
         f"{'op':<22}{'shape':<9}{'dtype':<6}"
         + "".join(f"{'saved ' + k:>15}" for k in impls)
@@ -154,13 +157,45 @@ TARGETS = (
         1.5,
     ),
     (
-        "saved for backward <= 64 B per call",
-        lambda r: r["pass"] == "fwdbwd",
+        "dropout_add_layer_norm fwd >= 3x faster than eager (bert)",
+        lambda r: _norm_row(r, "fwd"),
+        "vs_eager",
+        ">=",
+        3.0,
+    ),
+    (
+        "dropout_add_layer_norm fwd >= 1.2x faster than ours unfused (bert)",
+        lambda r: _norm_row(r, "fwd"),
+        "vs_unfused",
+        ">=",
+        1.2,
+    ),
+    (
+        "dropout_add_layer_norm fwd+bwd >= 1.15x faster than ours unfused (bert)",
+        lambda r: _norm_row(r, "fwdbwd"),
+        "vs_unfused",
+        ">=",
+        1.15,
+    ),
+    (
+        "dropout_add_layer_norm fwd faster than torch.compile (bert)",
+        lambda r: _norm_row(r, "fwd"),
+        "vs_compile",
+        ">=",
+        1.0,
+    ),
+    (
+        "saved for backward <= 64 B per call (the norm keeps h, as LayerNorm does)",
+        lambda r: r["pass"] == "fwdbwd" and r["op"] != "dropout_add_layer_norm",
         "saved_ours",
         "<=",
         64,
     ),
 )
+
+
+def _norm_row(r, pass_):
+    return r["op"] == "dropout_add_layer_norm" and r["pass"] == pass_ and r["shape"] == "bert"
 
 
 def _metric(r, name):

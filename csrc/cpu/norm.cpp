@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cpu/keep_bits.h"
+
 namespace fused_dropout {
 namespace FD_CPU_NS {  // a kernel file (cpu/capability.h): compiled once per CPU capability
 namespace {
@@ -83,31 +85,13 @@ struct RowSums {
   }
 };
 
-// Keep flags of the mask elements [m0, m0 + n): one core keep_bits8 call per group of 8.
-void keep_flags(const PhiloxStream& stream, const MaskedAffine& a, int64_t m0, int64_t n,
-                uint8_t* keep) {
-  if (a.keep_all || a.threshold == 0) {
-    std::fill(keep, keep + n, static_cast<uint8_t>(a.keep_all));
-    return;
-  }
-  const KeepRule rule = KeepRule::make(a.threshold);
-  for (int64_t i = 0; i < n;) {
-    const uint64_t m = static_cast<uint64_t>(m0 + i);
-    const uint32_t bits = keep_bits8(stream, rule, m / kMaskPerCall);
-    for (int j = static_cast<int>(m % kMaskPerCall); j < kMaskPerCall && i < n; ++j, ++i) {
-      keep[i] = static_cast<uint8_t>((bits >> j) & 1u);
-    }
-  }
-}
-
 // The keep flags of row r: element-wise (mask indices r * cols ..) or one per sample.
-void row_keep(const PhiloxStream& stream, const MaskedAffine& a, int64_t r, int64_t cols,
-              int64_t rows_per_sample, uint8_t* keep) {
+void row_keep(KeepRange& range, int64_t r, int64_t cols, int64_t rows_per_sample, uint8_t* keep) {
   if (rows_per_sample > 0) {
-    keep_flags(stream, a, r / rows_per_sample, 1, keep);
+    range.flags(r / rows_per_sample, 1, keep);
     std::fill(keep + 1, keep + cols, keep[0]);
   } else {
-    keep_flags(stream, a, r * cols, cols, keep);
+    range.flags(r * cols, cols, keep);
   }
 }
 
@@ -152,7 +136,7 @@ void dispatch(DType dtype, bool wide, bool rms, Fn&& fn) {
 }
 
 template <DType D, bool kWide, bool kRms>
-void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const PhiloxStream& stream) {
+void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const LaneStream& stream) {
   using S = Stored<D>;
   using Hs = Stored<kWide ? DType::kFloat : D>;
   using raw = typename S::raw;
@@ -169,11 +153,12 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Phil
     Vector<acc> hv(cols);
     Vector<uint8_t> keep(cols);
     RowSums<acc, 1> sums;
+    KeepRange range(stream, a.affine);
     for (int64_t r = r0; r < r1; ++r) {
       const raw* x = static_cast<const raw*>(a.input) + r * cols;
       const hraw* res = a.residual ? static_cast<const hraw*>(a.residual) + r * cols : nullptr;
       hraw* h = a.h ? static_cast<hraw*>(a.h) + r * cols : nullptr;
-      row_keep(stream, a.affine, r, cols, a.rows_per_sample, keep.data());
+      row_keep(range, r, cols, a.rows_per_sample, keep.data());
       for (int64_t c = 0; c < cols; ++c) {
         acc v = masked_value<false>(keep[c] != 0, add_rn(S::load(x[c]), input_bias[c]), consts);
         if (res) v = add_rn(v, Hs::load(res[c]));
@@ -206,8 +191,7 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Phil
 }
 
 template <DType D, bool kWide, bool kRms>
-void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a,
-                    const PhiloxStream& stream) {
+void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a, const LaneStream& stream) {
   using S = Stored<D>;
   using Hs = Stored<kWide ? DType::kFloat : D>;
   using raw = typename S::raw;
@@ -231,9 +215,10 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a,
   const int64_t grain =
       std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols * kRowBlock, 1));
   parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    Vector<acc> xhat(cols), g(cols), dyv(cols);
+    Vector<acc> xhat(cols), g(cols), dyv(cols), dh(cols);
     Vector<uint8_t> keep(cols);
     RowSums<acc, 2> sums;
+    KeepRange range(stream, a.affine);
     for (int64_t b = b0; b < b1; ++b) {
       acc* pw = p_weight ? p_weight + b * cols : nullptr;
       acc* pb = p_bias ? p_bias + b * cols : nullptr;
@@ -267,19 +252,30 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a,
             },
             s);
         const acc c1 = row_mean(s[0], cols), c2 = kRms ? acc(0) : row_mean(s[1], cols);
-        row_keep(stream, a.affine, r, cols, a.rows_per_sample, keep.data());
+        row_keep(range, r, cols, a.rows_per_sample, keep.data());
         const hraw* dh_in = a.dh_in ? static_cast<const hraw*>(a.dh_in) + r * cols : nullptr;
         hraw* grad_h = a.grad_h ? static_cast<hraw*>(a.grad_h) + r * cols : nullptr;
         raw* grad_input = static_cast<raw*>(a.grad_input) + r * cols;
+        // Loops without branches inside, so that each vectorizes.
+        for (int64_t c = 0; c < cols; ++c)
+          dh[c] = h_gradient<kRms>(g[c], xhat[c], stats.rstd, c1, c2);
+        if (dh_in) {
+          for (int64_t c = 0; c < cols; ++c) dh[c] = add_rn(dh[c], Hs::load(dh_in[c]));
+        }
+        if (grad_h) {
+          for (int64_t c = 0; c < cols; ++c) grad_h[c] = Hs::store(dh[c]);
+        }
         for (int64_t c = 0; c < cols; ++c) {
-          acc dh = h_gradient<kRms>(g[c], xhat[c], stats.rstd, c1, c2);
-          if (dh_in) dh = add_rn(dh, Hs::load(dh_in[c]));
-          if (grad_h) grad_h[c] = Hs::store(dh);
-          const raw dx = S::store(masked_value<false>(keep[c] != 0, dh, consts));
-          grad_input[c] = dx;
-          if (pw) pw[c] = add_rn(pw[c], mul_rn(dyv[c], xhat[c]));
-          if (pb) pb[c] = add_rn(pb[c], dyv[c]);
-          if (pib) pib[c] = add_rn(pib[c], S::load(dx));
+          grad_input[c] = S::store(masked_value<false>(keep[c] != 0, dh[c], consts));
+        }
+        if (pw) {
+          for (int64_t c = 0; c < cols; ++c) pw[c] = add_rn(pw[c], mul_rn(dyv[c], xhat[c]));
+        }
+        if (pb) {
+          for (int64_t c = 0; c < cols; ++c) pb[c] = add_rn(pb[c], dyv[c]);
+        }
+        if (pib) {
+          for (int64_t c = 0; c < cols; ++c) pib[c] = add_rn(pib[c], S::load(grad_input[c]));
         }
       }
     }
@@ -289,10 +285,10 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a,
     if (out == nullptr) return;
     parallel_for(0, cols, kGrainElements / std::max<int64_t>(blocks, 1),
                  [&](int64_t c0, int64_t c1) {
-                   for (int64_t c = c0; c < c1; ++c) {
-                     acc t = 0;
-                     for (int64_t b = 0; b < blocks; ++b) t = add_rn(t, p[b * cols + c]);
-                     static_cast<acc*>(out)[c] = t;
+                   acc* t = static_cast<acc*>(out);
+                   std::fill(t + c0, t + c1, acc(0));
+                   for (int64_t b = 0; b < blocks; ++b) {  // each column in block order
+                     for (int64_t c = c0; c < c1; ++c) t[c] = add_rn(t[c], p[b * cols + c]);
                    }
                  });
   };
@@ -304,13 +300,13 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a,
 }  // namespace
 
 void norm_forward_cpu(const NormForwardArgs& args, uint64_t seed, uint64_t offset) {
-  const PhiloxStream stream = PhiloxStream::make(seed, offset);
+  const LaneStream stream(PhiloxStream::make(seed, offset));
   dispatch(args.dtype, args.wide_h, args.rms,
            [&](auto variant) { forward_typed(variant, args, stream); });
 }
 
 void norm_backward_cpu(const NormBackwardArgs& args, uint64_t seed, uint64_t offset) {
-  const PhiloxStream stream = PhiloxStream::make(seed, offset);
+  const LaneStream stream(PhiloxStream::make(seed, offset));
   dispatch(args.dtype, args.wide_h, args.rms,
            [&](auto variant) { backward_typed(variant, args, stream); });
 }

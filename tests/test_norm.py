@@ -315,7 +315,7 @@ def test_memory_efficient_saves_y_not_h(prenorm):
         return _call(False, x, r, w, b, 0.3, prenorm=prenorm, memory_efficient=memory_efficient)
 
     for memory_efficient in (False, True):
-        saved, out = _saved_by_backward(lambda: run(memory_efficient))
+        saved, out = _saved_by_backward(lambda m=memory_efficient: run(m))
         y = out[0] if prenorm else out
         big = [t for t in saved if t.numel() == x.numel()]
         assert len(big) == 1, [tuple(t.shape) for t in saved]

@@ -163,9 +163,12 @@ class FusedDropoutMode(TorchFunctionMode):
 
 def active() -> bool:
     """Whether a :class:`FusedDropoutMode` is on this thread's torch-function mode stack."""
-    return any(
-        isinstance(m, FusedDropoutMode) for m in torch.overrides._get_current_function_mode_stack()
-    )
+    # A loop, not any(generator): torch.compile traces this (the module hooks), and torch 2.6's
+    # dynamo cannot trace a generator.
+    for m in torch.overrides._get_current_function_mode_stack():
+        if isinstance(m, FusedDropoutMode):
+            return True
+    return False
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 ref = importlib.import_module("reference")  # tests/reference.py, whatever the import mode
-from helpers import TORCH_BEFORE_2_7, assert_bitwise, randn, random64_draw  # noqa: E402
+from helpers import TORCH_2_6, assert_bitwise, randn, random64_draw  # noqa: E402
 from helpers import gen as _gen  # noqa: E402
 
 OPS = torch.ops.fused_dropout
@@ -548,7 +548,7 @@ class _Net(torch.nn.Module):
 # (ours are). Each mask stays valid either way; the README documents this.
 # torch 2.6's inductor reorders them even with fallback_random (aot_eager keeps the order).
 INDUCTOR_REORDERS_DRAWS = pytest.mark.xfail(
-    TORCH_BEFORE_2_7,
+    TORCH_2_6,
     reason="torch 2.6's inductor runs ops drawing from the global generator out of program "
     "order even with fallback_random: other seeds per op than eager (each mask still valid)",
     strict=True,

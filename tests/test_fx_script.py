@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import TORCH_BEFORE_2_7, assert_bitwise
+from helpers import TORCH_2_6, assert_bitwise
 from torch import nn
 
 import fused_dropout
@@ -194,7 +194,7 @@ def _converted(name):
 # timm's ViT attention passes is_causal (an FX proxy under symbolic_trace) to
 # F.scaled_dot_product_attention, which torch 2.6 rejects: the unconverted model fails alike.
 _VIT_FX = pytest.mark.xfail(
-    TORCH_BEFORE_2_7,
+    TORCH_2_6,
     reason="torch 2.6 cannot FX-trace timm's ViT at all (is_causal must be bool, not Proxy)",
     strict=True,
 )

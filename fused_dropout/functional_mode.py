@@ -163,9 +163,12 @@ class FusedDropoutMode(TorchFunctionMode):
 
 def active() -> bool:
     """Whether a :class:`FusedDropoutMode` is on this thread's torch-function mode stack."""
-    return any(
-        isinstance(m, FusedDropoutMode) for m in torch.overrides._get_current_function_mode_stack()
-    )
+    # A loop, not any(generator): torch.compile traces this (the module hooks), and torch 2.6's
+    # dynamo cannot trace a generator.
+    for m in torch.overrides._get_current_function_mode_stack():
+        if isinstance(m, FusedDropoutMode):
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -183,7 +186,16 @@ def mode() -> Iterator[FusedDropoutMode]:
 # and every submodule is attached, so that activation checkpointing, which reruns a submodule
 # during backward (outside the root's forward), reruns it under the mode too.
 
-_attached: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# The attached modules, held weakly, by id: the hooks run inside compiled forwards, and torch
+# 2.6's dynamo cannot trace a weakref.WeakSet's __contains__ (it traces id() and a dict).
+_attached: dict[int, weakref.ref[nn.Module]] = {}
+
+
+def _forget(key: int) -> Callable[[weakref.ref], None]:
+    # Called when the module dies, before its id can be reused.
+    return lambda _ref: _attached.pop(key, None)
+
+
 _hooks: list[RemovableHandle] = []
 _local = threading.local()  # .frames: (id(module), the mode its call entered or None) per call
 
@@ -197,7 +209,8 @@ def _frames() -> list[tuple[int, FusedDropoutMode | None]]:
 def _is_attached(module: nn.Module) -> bool:
     # torch.compile(model) wraps an attached model: its wrapper enters the mode, eagerly, so
     # that dynamo traces the forward with the mode active.
-    return module in _attached or getattr(module, "_orig_mod", None) in _attached
+    orig = getattr(module, "_orig_mod", None)
+    return id(module) in _attached or (orig is not None and id(orig) in _attached)
 
 
 def _enter(module: nn.Module, args: tuple) -> None:
@@ -225,7 +238,7 @@ def attach(model: nn.Module) -> nn.Module:
             "fused_dropout.functional_mode.attach: TorchScript modules run no Python modes"
         )
     for module in model.modules():
-        _attached.add(module)
+        _attached[id(module)] = weakref.ref(module, _forget(id(module)))
     if not _hooks:
         _hooks.append(nn.modules.module.register_module_forward_pre_hook(_enter))
         _hooks.append(nn.modules.module.register_module_forward_hook(_leave, always_call=True))
@@ -235,7 +248,7 @@ def attach(model: nn.Module) -> nn.Module:
 def detach(model: nn.Module) -> nn.Module:
     """Undo :func:`attach` (``convert(model, functional=True)``) for ``model``'s modules."""
     for module in model.modules():
-        _attached.discard(module)
+        _attached.pop(id(module), None)
     if not _attached:  # no global hooks left behind to slow every module call
         for handle in _hooks:
             handle.remove()
@@ -245,4 +258,4 @@ def detach(model: nn.Module) -> nn.Module:
 
 def is_attached(model: nn.Module) -> bool:
     """Whether ``model`` runs its forward under :func:`mode` (``convert(..., functional=True)``)."""
-    return model in _attached
+    return id(model) in _attached

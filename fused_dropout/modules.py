@@ -38,9 +38,12 @@ class _FXLeaf:
     @torch.jit.unused
     def _fx_node(self, inputs: list[Tensor]) -> Tensor | None:
         """The node standing for this call when an input is an FX proxy, else None."""
-        proxy = next((t for t in inputs if isinstance(t, torch.fx.Proxy)), None)
-        if proxy is None:
+        # A list, not next() over a generator: torch.compile runs this too, and torch 2.6's
+        # dynamo cannot trace next(generator, default).
+        proxies = [t for t in inputs if isinstance(t, torch.fx.Proxy)]
+        if not proxies:
             return None
+        proxy = proxies[0]
         tracer = proxy.tracer
         path = tracer.path_of_module(self)
         if not path:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fused_dropout import _impl, ops
+from fused_dropout import _compat, _impl, ops
 
 __all__ = ["DropPathResidual", "count_skipped", "drop_path_residual", "kept_samples"]
 
@@ -146,7 +146,7 @@ _decide_uncompiled: Callable | None = None
 def _prepare_compile() -> None:
     global _decide_uncompiled
     if _decide_uncompiled is None:
-        _decide_uncompiled = torch.compiler.disable(_decide, reason=_NOT_COMPILED)
+        _decide_uncompiled = _compat.compiler_disable(_decide, _NOT_COMPILED)
 
 
 def _decide(
@@ -234,7 +234,7 @@ def drop_path_residual(
     if torch.compiler.is_compiling():
         # Prepared: a graph break that names the alternative. Not (a bare functional call
         # compiled first): the wrapper is made here, itself a graph break.
-        decide = _decide_uncompiled or torch.compiler.disable(_decide, reason=_NOT_COMPILED)
+        decide = _decide_uncompiled or _compat.compiler_disable(_decide, _NOT_COMPILED)
     idx, k, scale = decide(x, p, mode, scale_by_keep, generator, seed_offset)
     if k == 0:
         return x.clone()

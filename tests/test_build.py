@@ -73,11 +73,13 @@ void cpu_parallel_for(int64_t begin, int64_t end, int64_t grain,
 }
 }  // namespace fused_dropout
 
-// cpu_marker() of each capability's object, in the table's order.
-static std::vector<int64_t> cpu_markers() {
+// cpu_marker() of the first n capabilities' objects, in the table's order (n: those this CPU
+// runs; an AVX-512 object dies of SIGILL on an AVX2 CPU).
+static std::vector<int64_t> cpu_markers(int64_t n) {
   std::vector<int64_t> out;
 #define FDLT_ROW(cap, extensions, ...) out.push_back(0);
   FD_CPU_CAPABILITIES(FDLT_ROW, _)
+  out.resize(std::min<size_t>(out.size(), static_cast<size_t>(n)));
   for (size_t i = 0; i < out.size(); ++i) {
     fused_dropout::g_capability = static_cast<int>(i);
     out[i] = fused_dropout::cpu_marker();
@@ -99,7 +101,7 @@ static at::Tensor twice(const at::Tensor& x) { return x * FDLT_FACTOR; }
 TORCH_LIBRARY(fd_loader_test, m) {
   m.def("twice(Tensor x) -> Tensor", &twice);
   m.def("with_cuda() -> int", &with_cuda);
-  m.def("cpu_markers() -> int[]", &cpu_markers);
+  m.def("cpu_markers(int n) -> int[]", &cpu_markers);
 }
 """
 COMMON_H = "#pragma once\n#define FDLT_FACTOR 2\n"
@@ -138,8 +140,14 @@ int64_t cpu_marker() {
 }  // namespace FD_CPU_NS
 }  // namespace fused_dropout
 """
-#: cpu_markers() of the throwaway library: every capability's object, compiled for its ISA.
+#: cpu_markers() of the throwaway library: each capability's object, compiled for its ISA.
+#: The driver calls those this CPU runs (RUNNABLE: the table's rows, lowest first, whose ISA
+#: extensions /proc/cpuinfo lists); on an AVX2-only CPU the AVX-512 object is built, not run.
 CPU_MARKERS = [10, 30, 70] if X86 else [10]
+_CPU_EXTENSIONS = set(importlib.import_module(L.__name__ + ".report")._cpuinfo_extensions())
+RUNNABLE = sum(
+    1 for c in L.config.capabilities(REPO / "csrc") if set(c.extensions) <= _CPU_EXTENSIONS
+)
 KERNEL_CU = r"""
 #ifndef FUSED_DROPOUT_WITH_CUDA
 #error "FUSED_DROPOUT_WITH_CUDA is not defined for nvcc"
@@ -156,7 +164,7 @@ int64_t fdlt_cuda_marker() { return 42; }
 DRIVER = r"""
 import importlib.util, json, os, sys, time
 import torch
-loader_path, src = sys.argv[1], sys.argv[2]
+loader_path, src, runnable = sys.argv[1], sys.argv[2], int(sys.argv[3])
 spec = importlib.util.spec_from_file_location(
     "fdl_driver", os.path.join(loader_path, "__init__.py"),
     submodule_search_locations=[loader_path])
@@ -171,7 +179,7 @@ cpp_ext = sys.modules.get("torch.utils.cpp_extension")
 print(json.dumps({
     "path": path, "seconds": dt, "built_with_cuda": L.built_with_cuda(src),
     "twice": ops.twice(torch.ones(2)).tolist(), "with_cuda": ops.with_cuda(),
-    "cpu_markers": ops.cpu_markers(), "CUDA_HOME": os.environ.get("CUDA_HOME"),
+    "cpu_markers": ops.cpu_markers(runnable), "CUDA_HOME": os.environ.get("CUDA_HOME"),
     "cpp_extension_CUDA_HOME": getattr(cpp_ext, "CUDA_HOME", None),
     "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST"),
 }))
@@ -207,7 +215,7 @@ def child_env(cache: Path, **extra: str) -> dict[str, str]:
 
 
 def driver_cmd(src: Path) -> list[str]:
-    return [sys.executable, "-c", DRIVER, str(LOADER_DIR), str(src)]
+    return [sys.executable, "-c", DRIVER, str(LOADER_DIR), str(src), str(RUNNABLE)]
 
 
 def run_driver(src: Path, env: dict[str, str], timeout: float = 900):
@@ -418,7 +426,7 @@ def test_cold_build_says_what_it_does(cpu_build):
     assert m.group("what") == "CPU"
     assert Path(m.group("dir")).parent == cache / "fused_dropout"
     assert BUILT_RE.search(stderr), stderr
-    assert data["twice"] == [2.0, 2.0] and data["cpu_markers"] == CPU_MARKERS
+    assert data["twice"] == [2.0, 2.0] and data["cpu_markers"] == CPU_MARKERS[:RUNNABLE]
     assert data["with_cuda"] == 0 and data["built_with_cuda"] is False
     assert data["path"] == str(Path(m.group("dir")) / "build" / "fused_dropout_C.so")
 
@@ -589,7 +597,7 @@ exec(compile(DRIVER, "driver", "exec"))
 
 def run_read_only(src, env):
     code = f"DRIVER = {DRIVER!r}\n{READ_ONLY_DRIVER}"
-    cmd = [sys.executable, "-c", code, str(LOADER_DIR), str(src)]
+    cmd = [sys.executable, "-c", code, *driver_cmd(src)[3:]]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -29,7 +29,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 ref = importlib.import_module("reference")  # tests/reference.py, whatever the import mode
-from helpers import assert_bitwise, randn, random64_draw  # noqa: E402
+from helpers import TORCH_2_6, assert_bitwise, randn, random64_draw  # noqa: E402
 from helpers import gen as _gen  # noqa: E402
 
 OPS = torch.ops.fused_dropout
@@ -546,6 +546,16 @@ class _Net(torch.nn.Module):
 # Inductor may reorder independent extern kernels, and so which op gets which draw of the
 # global generator, unless fallback_random chains the ops tagged nondeterministic_seeded
 # (ours are). Each mask stays valid either way; the README documents this.
+# torch 2.6's inductor reorders them even with fallback_random (aot_eager keeps the order).
+INDUCTOR_REORDERS_DRAWS = pytest.mark.xfail(
+    TORCH_2_6,
+    reason="torch 2.6's inductor runs ops drawing from the global generator out of program "
+    "order even with fallback_random: other seeds per op than eager (each mask still valid)",
+    strict=True,
+)
+
+
+@INDUCTOR_REORDERS_DRAWS
 @torch._inductor.config.patch(fallback_random=True)
 def test_torch_compile_fullgraph_matches_eager():
     """Global-RNG path: the seeds are drawn at run time, so eager and compiled agree."""
@@ -568,6 +578,7 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6)
 
 
+@INDUCTOR_REORDERS_DRAWS
 @torch._inductor.config.patch(fallback_random=True)
 def test_torch_compile_keeps_rng_draw_order():
     """Ops drawing from the global generator must run in program order in the compiled code,

@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_bitwise
+from helpers import TORCH_2_6, assert_bitwise
 from torch import nn
 
 import fused_dropout
@@ -191,7 +191,20 @@ def _converted(name):
     return model
 
 
-@pytest.mark.parametrize("name", MODELS)
+# timm's ViT attention passes is_causal (an FX proxy under symbolic_trace) to
+# F.scaled_dot_product_attention, which torch 2.6 rejects: the unconverted model fails alike.
+_VIT_FX = pytest.mark.xfail(
+    TORCH_2_6,
+    reason="torch 2.6 cannot FX-trace timm's ViT at all (is_causal must be bool, not Proxy)",
+    strict=True,
+)
+
+
+def _fx_params(names):
+    return [pytest.param(n, marks=_VIT_FX) if n == "timm_vit" else n for n in names]
+
+
+@pytest.mark.parametrize("name", _fx_params(MODELS))
 def test_fx_round_trip_of_converted_model(name):
     model = _converted(name)
     # Traced once per mode: other layers (timm's BatchNormAct2d) bake ``training`` into the graph.
@@ -246,7 +259,7 @@ def test_create_feature_extractor_on_converted_torchvision_convnext():
             assert_bitwise(got[key], captured[key], key)
 
 
-@pytest.mark.parametrize("name", ["timm_convnext", "timm_efficientnet", "timm_vit"])
+@pytest.mark.parametrize("name", _fx_params(["timm_convnext", "timm_efficientnet", "timm_vit"]))
 def test_timm_fx_feature_path_on_converted_model(name):
     from timm.models import FeatureGraphNet
 

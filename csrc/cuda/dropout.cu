@@ -10,7 +10,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+// <tuple> first: torch 2.6's PhiloxUtils.cuh (detail/UnpackRaw.cuh) uses std::tuple without it.
+// clang-format off
+#include <tuple>
 #include <ATen/cuda/PhiloxUtils.cuh>
+// clang-format on
 #include <algorithm>
 
 #include "cuda/dropout.h"

@@ -400,6 +400,199 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---------------------------------------------------------------- backward
+
+template <typename acc>
+struct BackwardParams {
+  NormBackwardArgs a;
+  AffineConsts<acc> consts;
+  KeepRule rule;
+  int groups;
+  bool vec_rows;      // dy, saved, dh_in, grad_input, grad_h: every row start 16-byte aligned
+  bool vec_cols;      // weight, bias 16-byte aligned
+  bool vec_partials;  // every row of the partials 16-byte aligned
+  acc* partial[3];    // the slabs [row_blocks][cols] of grad_weight, grad_bias, grad_input_bias
+  const int64_t* pair_in;
+};
+
+// xhat, dy and g = dy * weight of the chunk at c0 of row r.
+template <DType D, bool kWide, bool kRms>
+__device__ __forceinline__ void chunk_grad_inputs(const BackwardParams<typename Dev<D>::acc>& p,
+                                                  int64_t r, int64_t c0,
+                                                  const RowStats<typename Dev<D>::acc>& stats,
+                                                  typename Dev<D>::acc (&xhat)[kChunk],
+                                                  typename Dev<D>::acc (&dy)[kChunk],
+                                                  typename Dev<D>::acc (&g)[kChunk]) {
+  using S = Dev<D>;
+  using Hs = Dev<kWide ? DType::kFloat : D>;
+  using raw = typename S::raw;
+  using hraw = typename Hs::raw;
+  using acc = typename S::acc;
+  const NormBackwardArgs& a = p.a;
+  const int64_t n = a.cols;
+  const bool vector = p.vec_rows && c0 + kChunk <= n;
+  const bool vec_cols = p.vec_cols && c0 + kChunk <= n;
+  acc weight[kChunk];
+  load_columns<D>(a.weight, a.weight_fp32, c0, n, vec_cols, acc(1), weight);
+  if (a.saved_is_y) {
+    acc bias[kChunk];
+    load_columns<D>(a.bias, a.weight_fp32, c0, n, vec_cols, acc(0), bias);
+    Chunk<raw> y;
+    load_chunk(static_cast<const raw*>(a.saved) + r * n, c0, n, vector, y);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) xhat[j] = xhat_from_y(S::load(y.e[j]), weight[j], bias[j]);
+  } else {
+    Chunk<hraw> h;
+    load_chunk(static_cast<const hraw*>(a.saved) + r * n, c0, n, vector, h);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) xhat[j] = normalized<kRms>(Hs::load(h.e[j]), stats);
+  }
+  Chunk<raw> d;
+  load_chunk(static_cast<const raw*>(a.dy) + r * n, c0, n, vector, d);
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    dy[j] = S::load(d.e[j]);
+    g[j] = mul_rn(dy[j], weight[j]);
+  }
+}
+
+template <typename acc>
+__device__ __forceinline__ RowStats<acc> saved_stats(const NormBackwardArgs& a, bool rms,
+                                                     int64_t r) {
+  return {rms || a.saved_is_y ? acc(0) : static_cast<const acc*>(a.mean)[r],
+          static_cast<const acc*>(a.rstd)[r]};
+}
+
+// A block per block of kRowBlock rows (grid-stride): the rows' c1, c2 (kWarps / G rows at a
+// time), then per chunk the rows in order: gradients, and the block's column partials.
+template <DType D, bool kWide, bool kRms>
+__global__ void __launch_bounds__(kThreads)
+    norm_backward_kernel(const BackwardParams<typename Dev<D>::acc> p) {
+  using S = Dev<D>;
+  using Hs = Dev<kWide ? DType::kFloat : D>;
+  using raw = typename S::raw;
+  using hraw = typename Hs::raw;
+  using acc = typename S::acc;
+  const NormBackwardArgs& a = p.a;
+  const PhiloxStream stream = kernel_stream(at::PhiloxCudaState(), p.pair_in, nullptr);
+  const RowSlot s = RowSlot::make(p.groups);
+  const int64_t n = a.cols;
+  const int rows_at_once = kWarps / p.groups;
+  const int64_t stripes = (n + kStripe - 1) / kStripe;
+  const int64_t own = (stripes - s.group + p.groups - 1) / p.groups;
+  const int64_t blocks = row_blocks(a.rows);
+  const int thread = static_cast<int>(threadIdx.y) * kLanes + static_cast<int>(threadIdx.x);
+  __shared__ acc c1[kRowBlock], c2[kRowBlock];
+  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+    const int64_t r0 = b * kRowBlock;
+    const int in_block = static_cast<int>(std::min<int64_t>(kRowBlock, a.rows - r0));
+    for (int i0 = 0; i0 < kRowBlock; i0 += rows_at_once) {
+      const int i = i0 + s.slot;
+      const bool live = i < in_block;
+      const int64_t r = r0 + i;
+      acc sum_gx[kChunk], sum_g[kChunk];
+      zero(sum_gx);
+      zero(sum_g);
+      if (live) {
+        const RowStats<acc> stats = saved_stats<acc>(a, kRms, r);
+        for (int64_t k = 0; k < own; ++k) {
+          const int64_t c0 = ((s.group + k * p.groups) * kLanes + s.lane) * int64_t(kChunk);
+          if (c0 >= n) continue;
+          acc xhat[kChunk], dy[kChunk], g[kChunk];
+          chunk_grad_inputs<D, kWide, kRms>(p, r, c0, stats, xhat, dy, g);
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) {
+            if (c0 + j < n) {
+              sum_gx[j] = add_rn(sum_gx[j], mul_rn(g[j], xhat[j]));
+              sum_g[j] = add_rn(sum_g[j], g[j]);
+            }
+          }
+        }
+      }
+      const acc total_gx = row_total(sum_gx, s);
+      const acc total_g = row_total(sum_g, s);
+      if (live && s.group == 0 && s.lane == 0) {
+        c1[i] = row_mean(total_gx, n);
+        c2[i] = kRms ? acc(0) : row_mean(total_g, n);
+      }
+    }
+    __syncthreads();
+    for (int64_t c0 = int64_t(thread) * kChunk; c0 < n; c0 += int64_t(kThreads) * kChunk) {
+      const bool vector = p.vec_rows && c0 + kChunk <= n;
+      acc part[3][kChunk];
+      zero(part[0]);
+      zero(part[1]);
+      zero(part[2]);
+      for (int i = 0; i < in_block; ++i) {
+        const int64_t r = r0 + i;
+        const RowStats<acc> stats = saved_stats<acc>(a, kRms, r);
+        acc xhat[kChunk], dy[kChunk], g[kChunk];
+        chunk_grad_inputs<D, kWide, kRms>(p, r, c0, stats, xhat, dy, g);
+        uint32_t bits = 0xFFu;
+        if (!a.affine.keep_all) {
+          if (a.rows_per_sample > 0) {
+            const uint64_t m = static_cast<uint64_t>(r / a.rows_per_sample);
+            bits = (keep_bits8(stream, p.rule, m / kMaskPerCall) >> (m % kMaskPerCall)) & 1u
+                       ? 0xFFu
+                       : 0u;
+          } else {
+            bits = chunk_keep(stream, p.rule, static_cast<uint64_t>(r * n + c0));
+          }
+        }
+        Chunk<hraw> dh_in, grad_h;
+        if (a.dh_in != nullptr) {
+          load_chunk(static_cast<const hraw*>(a.dh_in) + r * n, c0, n, vector, dh_in);
+        }
+        Chunk<raw> dx;
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) {
+          acc dh = h_gradient<kRms>(g[j], xhat[j], stats.rstd, c1[i], c2[i]);
+          if (a.dh_in != nullptr) dh = add_rn(dh, Hs::load(dh_in.e[j]));
+          grad_h.e[j] = Hs::store(dh);
+          dx.e[j] = S::store(masked_value<false>(((bits >> j) & 1u) != 0, dh, p.consts));
+          part[0][j] = add_rn(part[0][j], mul_rn(dy[j], xhat[j]));
+          part[1][j] = add_rn(part[1][j], dy[j]);
+          part[2][j] = add_rn(part[2][j], S::load(dx.e[j]));
+        }
+        if (a.grad_h != nullptr) {
+          store_chunk(static_cast<hraw*>(a.grad_h) + r * n, c0, n, vector, grad_h);
+        }
+        store_chunk(static_cast<raw*>(a.grad_input) + r * n, c0, n, vector, dx);
+      }
+#pragma unroll
+      for (int q = 0; q < 3; ++q) {
+        if (p.partial[q] == nullptr) continue;
+        Chunk<acc> out;
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) out.e[j] = part[q][j];
+        store_chunk(p.partial[q] + b * n, c0, n, p.vec_partials && c0 + kChunk <= n, out);
+      }
+    }
+    __syncthreads();  // c1 and c2 are the next block's
+  }
+}
+
+// The column sums: each column's partials added in block order (core/norm.h).
+template <typename acc>
+struct TotalsParams {
+  const acc* partial[3];
+  acc* out[3];
+  int64_t blocks, cols;
+};
+
+template <typename acc>
+__global__ void __launch_bounds__(kThreads) column_totals_kernel(const TotalsParams<acc> p) {
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < 3 * p.cols; i += step) {
+    const int q = static_cast<int>(i / p.cols);
+    const int64_t c = i - q * p.cols;
+    if (p.out[q] == nullptr) continue;
+    acc total = acc(0);
+    for (int64_t b = 0; b < p.blocks; ++b) total = add_rn(total, p.partial[q][b * p.cols + c]);
+    p.out[q][c] = total;
+  }
+}
+
 // Multiprocessors of the current device, queried once per device.
 int sm_count() {
   constexpr int kMaxDevices = 64;
@@ -517,11 +710,59 @@ struct Forward {
   }
 };
 
+template <DType D, bool kWide, bool kRms>
+struct Backward {
+  static cudaError_t run(const NormBackwardArgs& a, const int64_t* pair_in, cudaStream_t stream) {
+    using S = Dev<D>;
+    using acc = typename S::acc;
+    using hraw = typename Dev<kWide ? DType::kFloat : D>::raw;
+    BackwardParams<acc> p;
+    p.a = a;
+    p.consts = AffineConsts<acc>::make(a.affine);
+    p.rule = KeepRule::make(a.affine.threshold);
+    p.groups = norm_groups(a.cols);
+    const size_t raw_size = sizeof(typename S::raw);
+    p.vec_rows = rows_aligned(a.dy, a.cols, raw_size) &&
+                 rows_aligned(a.grad_input, a.cols, raw_size) &&
+                 rows_aligned(a.saved, a.cols, a.saved_is_y ? raw_size : sizeof(hraw)) &&
+                 rows_aligned(a.dh_in, a.cols, sizeof(hraw)) &&
+                 rows_aligned(a.grad_h, a.cols, sizeof(hraw));
+    p.vec_cols = aligned16(a.weight) && aligned16(a.bias);
+    p.vec_partials = rows_aligned(a.partials, a.cols, sizeof(acc));
+    const int64_t blocks = row_blocks(a.rows);
+    // The slabs, in the order of the sums asked for (ops/fused_norm.cpp's partials).
+    acc* next = static_cast<acc*>(a.partials);
+    void* const outs[3] = {a.grad_weight, a.grad_bias, a.grad_input_bias};
+    TotalsParams<acc> t;
+    for (int q = 0; q < 3; ++q) {
+      p.partial[q] = outs[q] != nullptr ? next : nullptr;
+      if (outs[q] != nullptr) next += blocks * a.cols;
+      t.partial[q] = p.partial[q];
+      t.out[q] = static_cast<acc*>(outs[q]);
+    }
+    t.blocks = blocks;
+    t.cols = a.cols;
+    p.pair_in = pair_in;
+    constexpr auto kernel = norm_backward_kernel<D, kWide, kRms>;
+    kernel<<<grid_for<kernel>(blocks, 1), dim3(kLanes, kWarps), 0, stream>>>(p);
+    if (t.out[0] != nullptr || t.out[1] != nullptr || t.out[2] != nullptr) {
+      constexpr auto totals = column_totals_kernel<acc>;
+      totals<<<grid_for<totals>(3 * a.cols, kThreads), kThreads, 0, stream>>>(t);
+    }
+    return cudaGetLastError();
+  }
+};
+
 }  // namespace
 
 cudaError_t norm_forward_cuda(const NormForwardArgs& args, at::PhiloxCudaState philox,
                               int64_t* pair_out, cudaStream_t stream) {
   return dispatch<Forward>(args, philox, pair_out, stream);
+}
+
+cudaError_t norm_backward_cuda(const NormBackwardArgs& args, const int64_t* pair_in,
+                               cudaStream_t stream) {
+  return dispatch<Backward>(args, pair_in, stream);
 }
 
 }  // namespace fused_dropout

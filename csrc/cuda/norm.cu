@@ -211,9 +211,9 @@ struct ForwardParams {
   AffineConsts<acc> consts;
   acc eps;
   KeepRule rule;
-  int groups;      // norm_groups(cols)
-  bool vec_rows;   // x, residual, h, y: every row start 16-byte aligned
-  bool vec_cols;   // weight, bias, input_bias 16-byte aligned
+  int groups;     // norm_groups(cols)
+  bool vec_rows;  // x, residual, h, y: every row start 16-byte aligned
+  bool vec_cols;  // weight, bias, input_bias 16-byte aligned
   at::PhiloxCudaState philox;
   int64_t* pair_out;
 };
@@ -244,9 +244,8 @@ __device__ __forceinline__ void chunk_h(const ForwardParams<typename Dev<D>::acc
                   input_bias);
   uint32_t bits = 0xFFu;
   if (!a.affine.keep_all) {
-    bits = a.rows_per_sample > 0
-               ? sample_bits
-               : chunk_keep(stream, p.rule, static_cast<uint64_t>(r * n + c0));
+    bits = a.rows_per_sample > 0 ? sample_bits
+                                 : chunk_keep(stream, p.rule, static_cast<uint64_t>(r * n + c0));
   }
   Chunk<hraw> stored;
 #pragma unroll
@@ -278,8 +277,7 @@ __device__ __forceinline__ void chunk_y(const ForwardParams<typename Dev<D>::acc
   for (int j = 0; j < kChunk; ++j) {
     y.e[j] = S::store(affine_out<true, true>(normalized<kRms>(hv[j], stats), weight[j], bias[j]));
   }
-  store_chunk(static_cast<typename S::raw*>(a.y) + r * n, c0, n, p.vec_rows && c0 + kChunk <= n,
-              y);
+  store_chunk(static_cast<typename S::raw*>(a.y) + r * n, c0, n, p.vec_rows && c0 + kChunk <= n, y);
 }
 
 // Adds the chunk's elements below n (v, or with kSquare the squared deviation from mean) into
@@ -532,9 +530,8 @@ __global__ void __launch_bounds__(kThreads)
         if (!a.affine.keep_all) {
           if (a.rows_per_sample > 0) {
             const uint64_t m = static_cast<uint64_t>(r / a.rows_per_sample);
-            bits = (keep_bits8(stream, p.rule, m / kMaskPerCall) >> (m % kMaskPerCall)) & 1u
-                       ? 0xFFu
-                       : 0u;
+            bits = (keep_bits8(stream, p.rule, m / kMaskPerCall) >> (m % kMaskPerCall)) & 1u ? 0xFFu
+                                                                                             : 0u;
           } else {
             bits = chunk_keep(stream, p.rule, static_cast<uint64_t>(r * n + c0));
           }
@@ -722,11 +719,10 @@ struct Backward {
     p.rule = KeepRule::make(a.affine.threshold);
     p.groups = norm_groups(a.cols);
     const size_t raw_size = sizeof(typename S::raw);
-    p.vec_rows = rows_aligned(a.dy, a.cols, raw_size) &&
-                 rows_aligned(a.grad_input, a.cols, raw_size) &&
-                 rows_aligned(a.saved, a.cols, a.saved_is_y ? raw_size : sizeof(hraw)) &&
-                 rows_aligned(a.dh_in, a.cols, sizeof(hraw)) &&
-                 rows_aligned(a.grad_h, a.cols, sizeof(hraw));
+    p.vec_rows =
+        rows_aligned(a.dy, a.cols, raw_size) && rows_aligned(a.grad_input, a.cols, raw_size) &&
+        rows_aligned(a.saved, a.cols, a.saved_is_y ? raw_size : sizeof(hraw)) &&
+        rows_aligned(a.dh_in, a.cols, sizeof(hraw)) && rows_aligned(a.grad_h, a.cols, sizeof(hraw));
     p.vec_cols = aligned16(a.weight) && aligned16(a.bias);
     p.vec_partials = rows_aligned(a.partials, a.cols, sizeof(acc));
     const int64_t blocks = row_blocks(a.rows);

@@ -34,8 +34,8 @@ struct HostNorm {
   void* partials;
   int64_t rows, cols, rows_per_sample;
   double eps, p;
-  uint64_t seed, offset;  // forward: the Philox state's pair
-  int64_t* pair_out;      // forward
+  uint64_t seed, offset;   // forward: the Philox state's pair
+  int64_t* pair_out;       // forward
   const int64_t* pair_in;  // backward
   int sm_count, grid_x;
   int64_t first_block, block_count;
@@ -46,7 +46,7 @@ struct HostNorm {
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) int fdh_norm(HostNorm* op, char* error,
-                                                              int error_size) {
+                                                               int error_size) {
   using namespace fused_dropout;
   cuda_host::host_config().sm_count = op->sm_count;
   cuda_host::host_config().grid_x = op->grid_x;

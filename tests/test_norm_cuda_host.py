@@ -249,8 +249,8 @@ MUTATIONS = (
     cuda_host.Mutation(
         "column partials over blocks of 8 rows",
         KERNEL,
-        "const int in_block = static_cast<int>(std::min<int64_t>(kRowBlock, a.rows - r0));",
-        "const int in_block = static_cast<int>(std::min<int64_t>(kRowBlock / 2, a.rows - r0));",
+        "static_cast<int>(left < kRowBlock ? left : kRowBlock);",
+        "static_cast<int>(left < kRowBlock / 2 ? left : kRowBlock / 2);",
     ),
     cuda_host.Mutation(
         "backward ignores the pair",

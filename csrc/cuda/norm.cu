@@ -362,10 +362,12 @@ __global__ void __launch_bounds__(kThreads)
       }
     } else {
       acc hv[kChunk];
-      const int64_t own = live ? (stripes - s.group + p.groups - 1) / p.groups : 0;
+      // 32-bit: a 64-bit division is a subroutine call
+      const int own = live ? (static_cast<int>(stripes) - s.group + p.groups - 1) / p.groups : 0;
       if (!kRms) {
         zero(sums);
-        for (int64_t k = 0; k < own; ++k) {
+#pragma unroll 1
+        for (int k = 0; k < own; ++k) {
           const int64_t c0 = chunk_start(k);
           if (c0 < len) {
             chunk_h<D, kWide>(p, stream, r, c0, sample_bits, true, hv);
@@ -375,7 +377,8 @@ __global__ void __launch_bounds__(kThreads)
         stats.mean = row_mean(row_total(sums, s), n);
       }
       zero(sums);
-      for (int64_t k = 0; k < own; ++k) {
+#pragma unroll 1
+      for (int k = 0; k < own; ++k) {
         const int64_t c0 = chunk_start(k);
         if (c0 < len) {
           chunk_h<D, kWide>(p, stream, r, c0, sample_bits, kRms, hv);
@@ -383,7 +386,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       stats.rstd = row_rstd(row_total(sums, s), n, p.eps);
-      for (int64_t k = 0; k < own; ++k) {
+#pragma unroll 1
+      for (int k = 0; k < own; ++k) {
         const int64_t c0 = chunk_start(k);
         if (c0 < len) {
           chunk_h<D, kWide>(p, stream, r, c0, sample_bits, false, hv);
@@ -483,7 +487,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ acc c1[kRowBlock], c2[kRowBlock];
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
     const int64_t r0 = b * kRowBlock;
-    const int in_block = static_cast<int>(std::min<int64_t>(kRowBlock, a.rows - r0));
+    const int64_t left = a.rows - r0;
+    const int in_block = static_cast<int>(left < kRowBlock ? left : kRowBlock);
     for (int i0 = 0; i0 < kRowBlock; i0 += rows_at_once) {
       const int i = i0 + s.slot;
       const bool live = i < in_block;
@@ -583,10 +588,13 @@ __global__ void __launch_bounds__(kThreads) column_totals_kernel(const TotalsPar
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < 3 * p.cols; i += step) {
     const int q = static_cast<int>(i / p.cols);
     const int64_t c = i - q * p.cols;
-    if (p.out[q] == nullptr) continue;
+    // selected, not indexed: an indexed parameter array would be copied to local memory
+    acc* const out = q == 0 ? p.out[0] : q == 1 ? p.out[1] : p.out[2];
+    const acc* const partial = q == 0 ? p.partial[0] : q == 1 ? p.partial[1] : p.partial[2];
+    if (out == nullptr) continue;
     acc total = acc(0);
-    for (int64_t b = 0; b < p.blocks; ++b) total = add_rn(total, p.partial[q][b * p.cols + c]);
-    p.out[q][c] = total;
+    for (int64_t b = 0; b < p.blocks; ++b) total = add_rn(total, partial[b * p.cols + c]);
+    out[c] = total;
   }
 }
 

@@ -574,7 +574,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The column sums: each column's partials added in block order (core/norm.h).
+// The column sums: each column's partials added in block order (core/norm.h). Strided: a
+// thread walks one column down the blocks (reads coalesced across the warp, no vectors).
 template <typename acc>
 struct TotalsParams {
   const acc* partial[3];
@@ -583,7 +584,8 @@ struct TotalsParams {
 };
 
 template <typename acc>
-__global__ void __launch_bounds__(kThreads) column_totals_kernel(const TotalsParams<acc> p) {
+__global__ void __launch_bounds__(kThreads)
+    strided_column_totals_kernel(const TotalsParams<acc> p) {
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < 3 * p.cols; i += step) {
     const int q = static_cast<int>(i / p.cols);
@@ -750,7 +752,7 @@ struct Backward {
     constexpr auto kernel = norm_backward_kernel<D, kWide, kRms>;
     kernel<<<grid_for<kernel>(blocks, 1), dim3(kLanes, kWarps), 0, stream>>>(p);
     if (t.out[0] != nullptr || t.out[1] != nullptr || t.out[2] != nullptr) {
-      constexpr auto totals = column_totals_kernel<acc>;
+      constexpr auto totals = strided_column_totals_kernel<acc>;
       totals<<<grid_for<totals>(3 * a.cols, kThreads), kThreads, 0, stream>>>(t);
     }
     return cudaGetLastError();

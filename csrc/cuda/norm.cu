@@ -102,8 +102,10 @@ __device__ __forceinline__ void store_chunk(raw* row, int64_t c0, int64_t n, boo
                                             const Chunk<raw>& src) {
   if (vector) {
     uint4* p = reinterpret_cast<uint4*>(row + c0);
+    // __stwb: one st.global.v4 per vector (a plain assignment from the union was split into
+    // narrower stores by the compiler)
 #pragma unroll
-    for (int q = 0; q < int(sizeof(src.v) / sizeof(uint4)); ++q) p[q] = src.v[q];
+    for (int q = 0; q < int(sizeof(src.v) / sizeof(uint4)); ++q) __stwb(p + q, src.v[q]);
   } else {
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {

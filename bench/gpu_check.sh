@@ -8,9 +8,10 @@
 # Steps, each logged to OUT_DIR/<step>.log, with rc and seconds in OUT_DIR/summary.txt:
 #   env        nvidia-smi, torch, nvcc, compute-sanitizer versions
 #   build      the extension for the visible GPU (TORCH_CUDA_ARCH_LIST honoured), timed
-#   test_cuda  pytest tests/test_cuda.py (junit XML beside it)
+#   test_cuda  pytest tests/test_cuda.py tests/test_norm_cuda.py (junit XML beside it)
 #   memcheck   compute-sanitizer --tool memcheck over bench/gpu_variants.py (every variant)
 #   racecheck  compute-sanitizer --tool racecheck over the same script
+#   norm_memcheck, norm_racecheck  the same tools over tests/test_norm_cuda.py (fp32 and bf16 cases)
 #   bench      python bench/run.py --quick --device cuda (results in OUT_DIR/bench)
 # The sanitizer steps are skipped, and say so, where compute-sanitizer is absent.
 # Each step has a time limit, cut to what is left of a 7.5-minute budget (a step with no time
@@ -69,11 +70,15 @@ path = _loader.load()
 print(f'built in {time.perf_counter() - t:.1f} s: {path}')
 assert _loader.built_with_cuda(), 'the extension was built without its CUDA kernels'
 "
-step test_cuda 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+step test_cuda 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_norm_cuda.py \
   --junitxml="$OUT/test_cuda.xml"
 if [ -n "$SANITIZER" ]; then
   for tool in memcheck racecheck; do
     step "$tool" 75 "$SANITIZER" --tool "$tool" --error-exitcode 1 "$PY" bench/gpu_variants.py
+  done
+  for tool in memcheck racecheck; do
+    step "norm_$tool" 60 "$SANITIZER" --tool "$tool" --error-exitcode 1 "$PY" -m pytest -q -x \
+      -p no:cacheprovider tests/test_norm_cuda.py -k "float32 or bfloat16"
   done
 else
   echo "memcheck, racecheck: skipped (compute-sanitizer not found)" | tee -a "$OUT/summary.txt"

@@ -654,6 +654,36 @@ def model_table(kernels: list[Kernel], block: int) -> str:
     return "\n".join(lines)
 
 
+NORM_HIDDEN = (768, 1024, 2048, 4096, 8192)
+
+
+def norm_bytes_per_row(dtype: str, cols: int, backward: bool = False, prenorm: bool = True) -> int:
+    """The bytes model of csrc/cuda/norm.cu per row (weight, bias and the per-row statistics
+    are negligible). Forward: x and the residual read once (h stays in registers up to 16384
+    elements), y written, h written when prenorm (kept for backward). Backward: dy and the
+    saved h (or y) read twice (the row constants first, then the gradients), grad_input and
+    grad_h written."""
+    size = ITEMSIZE[dtype]
+    if backward:
+        return cols * size * (2 * 2 + 2)
+    return cols * size * (3 + prenorm)
+
+
+def norm_model_table(gpu_name: str = "H200") -> str:
+    """Rows/s at the datasheet bandwidth under the bytes model (the memory bound): what the
+    norm kernels must reach. Their instruction count per element is not modelled yet."""
+    g = next(g for g in GPUS if g.name == gpu_name)
+    lines = [f"norm.cu bytes model on {g.name} ({g.bandwidth_tbs} TB/s): bytes/row, Mrows/s"]
+    for dtype in ("float", "bfloat16"):
+        for backward in (False, True):
+            cells = []
+            for cols in NORM_HIDDEN:
+                b = norm_bytes_per_row(dtype, cols, backward)
+                cells.append(f"{cols}: {b} B {g.bandwidth_tbs * 1e12 / b / 1e6:.0f}")
+            lines.append(f"  {dtype:<8} {'bwd' if backward else 'fwd'}  " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 def is_contiguous(k: Kernel) -> bool:
     """Kernels over contiguous memory, which must use 16-byte vector loads and stores: all of
     them (every tensor is streamed in one flat kernel order, DESIGN.md s.4) but any whose
@@ -730,6 +760,8 @@ def main(argv=None) -> int:
     print(table(kernels, args.block))
     print()
     print(model_table(kernels, args.block))
+    print()
+    print(norm_model_table())
     problems = check(kernels)
     print(
         "\n".join(f"FAIL {p}" for p in problems)

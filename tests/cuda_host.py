@@ -379,6 +379,51 @@ def _kernel_order(x: torch.Tensor, k: int, has_bias: bool, same_strides: bool):
     return order, (inner, 1, 1, mask_numel)
 
 
+class _HostNorm(ctypes.Structure):
+    """csrc/testing/norm_host.cpp's HostNorm."""
+
+    _fields_ = [
+        ("backward", ctypes.c_int),
+        ("dtype", ctypes.c_int),
+        ("wide_h", ctypes.c_int),
+        ("weight_fp32", ctypes.c_int),
+        ("rms", ctypes.c_int),
+        ("saved_is_y", ctypes.c_int),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "input residual input_bias weight bias y h mean rstd dy dh_in saved grad_input "
+                "grad_h grad_weight grad_bias grad_input_bias partials"
+            ).split()
+        ),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("rows_per_sample", ctypes.c_int64),
+        ("eps", ctypes.c_double),
+        ("p", ctypes.c_double),
+        ("seed", ctypes.c_uint64),
+        ("offset", ctypes.c_uint64),
+        ("pair_out", ctypes.c_void_p),
+        ("pair_in", ctypes.c_void_p),
+        ("sm_count", ctypes.c_int),
+        ("grid_x", ctypes.c_int),
+        ("first_block", ctypes.c_int64),
+        ("block_count", ctypes.c_int64),
+        ("launches", ctypes.c_int),
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+    ]
+
+
+@dataclasses.dataclass
+class NormResult:
+    outputs: tuple  # forward: y, h, mean, rstd; backward: grad_input, grad_h, and the sums
+    pair: tuple[int, int] | None  # what the forward kernel wrote to pair_out (unsigned)
+    launches: int
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+
+
 class HostCuda:
     """One host build of the CUDA sources (see ``build``)."""
 
@@ -386,6 +431,7 @@ class HostCuda:
         self.path = lib
         self._lib = ctypes.CDLL(str(lib))
         self._lib.fdh_masked_op.argtypes = (ctypes.POINTER(_HostOp), ctypes.c_char_p, ctypes.c_int)
+        self._lib.fdh_norm.argtypes = (ctypes.POINTER(_HostNorm), ctypes.c_char_p, ctypes.c_int)
 
     def fresh(self, where: Path) -> HostCuda:
         """Another instance of this build (a copy of the library under ``where``), whose
@@ -484,10 +530,183 @@ class HostCuda:
             pair = (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
         return Result(out, pair, op.launches, tuple(op.grid), tuple(op.block), op.resident_blocks)
 
-    def _call(self, op: _HostOp, buffers: dict[str, Guarded]) -> None:
+    def norm_forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        input_bias: torch.Tensor | None,
+        p: float,
+        eps: float,
+        *,
+        rms: bool = False,
+        per_sample: bool = False,
+        residual_in_fp32: bool = False,
+        keep_h: bool = True,
+        seed_offset: tuple[int, int] = (0, 0),
+        geometry: Geometry = GEOMETRIES[0],
+        misalign: int = 0,
+    ) -> NormResult:
+        """One forward call of csrc/cuda/norm.cu through norm_forward_cuda, with the operands
+        as ops/fused_norm.cpp hands them over (contiguous; the residual in h's dtype), in
+        guarded buffers; ``misalign`` bytes shift the input and residual off 16-byte alignment.
+        Returns ``(y, h, mean, rstd, pair)`` as the CPU op does (h empty unless keep_h)."""
+        wide = residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16)
+        h_type = torch.float32 if wide else x.dtype
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cols = x.shape[-1]
+        rows = x.numel() // cols if cols else 0
+        buffers: dict[str, Guarded] = {}
+
+        def put(name: str, t: torch.Tensor | None, shift: int = 0) -> int | None:
+            if t is None:
+                return None
+            flat = t.detach().contiguous().view(-1)
+            g = Guarded(name, flat.numel() * flat.element_size(), shift)
+            g.write(flat.view(torch.uint8).numpy().tobytes())
+            buffers[name] = g
+            return g.address
+
+        def out(name: str, numel: int, dtype: torch.dtype) -> int:
+            buffers[name] = Guarded(name, numel * torch.empty(0, dtype=dtype).element_size())
+            return buffers[name].address
+
+        op = _HostNorm()
+        op.dtype = DTYPE_CODE[x.dtype]
+        op.wide_h, op.rms = wide, rms
+        wb = weight if weight is not None else bias
+        op.weight_fp32 = wb is not None and wb.dtype == torch.float32 and x.dtype != torch.float32
+        op.input = put("input", x, misalign)
+        op.residual = put("residual", None if residual is None else residual.to(h_type), misalign)
+        op.input_bias = put("input_bias", input_bias)
+        op.weight = put("weight", weight)
+        op.bias = put("bias", bias)
+        op.y = out("y", x.numel(), x.dtype)
+        op.h = out("h", x.numel(), h_type) if keep_h else None
+        op.mean = None if rms else out("mean", rows, acc)
+        op.rstd = out("rstd", rows, acc)
+        op.rows, op.cols = rows, cols
+        op.rows_per_sample = (
+            max(1, int(torch.Size(x.shape[1:-1]).numel())) if per_sample and x.dim() >= 2 else 0
+        )
+        op.eps, op.p = eps, p
+        op.seed, op.offset = (v & 0xFFFFFFFFFFFFFFFF for v in seed_offset)
+        op.pair_out = out("pair_out", 2, torch.int64)
+        self._norm_call(op, geometry, buffers)
+
+        def read(name: str, dtype: torch.dtype, shape) -> torch.Tensor:
+            return tensor_of(buffers[name], dtype).view(shape) if name in buffers else None
+
+        raw = buffers["pair_out"].read()
+        pair = (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
+        h = read("h", h_type, x.shape) if keep_h else torch.empty(0, dtype=h_type)
+        mean = read("mean", acc, (rows,)) if not rms else torch.empty(0, dtype=acc)
+        return NormResult(
+            (read("y", x.dtype, x.shape), h, mean, read("rstd", acc, (rows,))),
+            pair,
+            op.launches,
+            tuple(op.grid),
+            tuple(op.block),
+        )
+
+    def norm_backward(
+        self,
+        dy: torch.Tensor,
+        dh_in: torch.Tensor | None,
+        saved: torch.Tensor,
+        saved_is_y: bool,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        pair: tuple[int, int],
+        p: float,
+        *,
+        rms: bool = False,
+        per_sample: bool = False,
+        residual_in_fp32: bool = False,
+        want: tuple[bool, bool, bool, bool] = (True, True, True, True),
+        geometry: Geometry = GEOMETRIES[0],
+    ) -> NormResult:
+        """One backward call through norm_backward_cuda (operands as ops/fused_norm.cpp hands
+        them over). ``want``: grad_h, grad_weight, grad_bias, grad_input_bias. Returns
+        ``(grad_input, grad_h, grad_weight, grad_bias, grad_input_bias)`` as the CPU op does."""
+        wide = residual_in_fp32 and dy.dtype in (torch.float16, torch.bfloat16)
+        h_type = torch.float32 if wide else dy.dtype
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        cols = dy.shape[-1]
+        rows = dy.numel() // cols if cols else 0
+        blocks = (rows + 15) // 16
+        buffers: dict[str, Guarded] = {}
+
+        def put(name: str, t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            buffers[name] = guarded_tensor(name, t.contiguous())
+            return buffers[name].address
+
+        def out(name: str, numel: int, dtype: torch.dtype) -> int:
+            buffers[name] = Guarded(name, numel * torch.empty(0, dtype=dtype).element_size())
+            return buffers[name].address
+
+        op = _HostNorm()
+        op.backward = 1
+        op.dtype = DTYPE_CODE[dy.dtype]
+        op.wide_h, op.rms, op.saved_is_y = wide, rms, saved_is_y
+        wb = weight if weight is not None else bias
+        op.weight_fp32 = wb is not None and wb.dtype == torch.float32 and dy.dtype != torch.float32
+        op.dy = put("dy", dy)
+        op.dh_in = put("dh_in", dh_in)
+        op.saved = put("saved", saved)
+        op.weight = put("weight", weight)
+        op.bias = put("bias", bias if saved_is_y else None)
+        op.mean = put("mean", mean if not (rms or saved_is_y) else None)
+        op.rstd = put("rstd", rstd)
+        op.grad_input = out("grad_input", dy.numel(), dy.dtype)
+        want_h, *sums = want
+        op.grad_h = out("grad_h", dy.numel(), h_type) if want_h else None
+        op.grad_weight = out("grad_weight", cols, acc) if sums[0] else None
+        op.grad_bias = out("grad_bias", cols, acc) if sums[1] else None
+        op.grad_input_bias = out("grad_input_bias", cols, acc) if sums[2] else None
+        op.partials = out("partials", sum(sums) * blocks * cols, acc)
+        op.rows, op.cols = rows, cols
+        op.rows_per_sample = (
+            max(1, int(torch.Size(dy.shape[1:-1]).numel())) if per_sample and dy.dim() >= 2 else 0
+        )
+        op.p = p
+        op.pair_in = _int64_buffer_into(buffers, "pair_in", pair)
+        self._norm_call(op, geometry, buffers)
+
+        def read(name: str, dtype: torch.dtype, shape) -> torch.Tensor:
+            if name not in buffers:
+                return torch.empty(0, dtype=dtype)
+            return tensor_of(buffers[name], dtype).view(shape)
+
+        return NormResult(
+            (
+                read("grad_input", dy.dtype, dy.shape),
+                read("grad_h", h_type, dy.shape),
+                read("grad_weight", acc, (cols,)),
+                read("grad_bias", acc, (cols,)),
+                read("grad_input_bias", acc, (cols,)),
+            ),
+            None,
+            op.launches,
+            tuple(op.grid),
+            tuple(op.block),
+        )
+
+    def _norm_call(self, op: _HostNorm, geometry: Geometry, buffers: dict[str, Guarded]) -> None:
+        op.sm_count, op.grid_x = geometry.sm_count, geometry.grid_x
+        op.first_block, op.block_count = geometry.first_block, geometry.block_count
+        self._call(op, buffers, self._lib.fdh_norm)
+
+    def _call(self, op, buffers: dict[str, Guarded], entry=None) -> None:
         """Run ``op``; raise if the kernel faulted, broke a CUDA rule or wrote out of bounds."""
         error = ctypes.create_string_buffer(512)
-        if self._lib.fdh_masked_op(ctypes.byref(op), error, len(error)):
+        entry = self._lib.fdh_masked_op if entry is None else entry
+        if entry(ctypes.byref(op), error, len(error)):
             text = error.value.decode()
             found = re.search(r"address (0x[0-9a-f]+)", text)
             if found:
@@ -548,6 +767,11 @@ class HostCuda:
             got = torch.frombuffer(bytearray(out.read(lo * size, (hi - lo) * size)), dtype=dtype)
             results.append((xw, got))
         return results
+
+
+def _int64_buffer_into(buffers: dict[str, Guarded], name: str, values) -> int:
+    buffers[name] = _int64_buffer(name, values)
+    return buffers[name].address
 
 
 def _int64_buffer(name: str, values) -> Guarded:

@@ -49,7 +49,9 @@ def test_kernels_do_not_spill_and_use_vector_io(arch):
     found = kernels.analyze(arch)
     assert found, "no kernels in csrc/cuda/*.cu"
     assert kernels.check(found) == []
-    assert all(k.philox_calls >= 1 for k in found)
+    # every kernel draws its mask, but norm.cu's column totals (sums of partials: no mask)
+    drawing = [k for k in found if "column_totals" not in k.name]
+    assert len(drawing) < len(found) and all(k.philox_calls >= 1 for k in drawing)
 
 
 @needs_tools

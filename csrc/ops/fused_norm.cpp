@@ -6,6 +6,15 @@
 #include "ops/checks.h"
 #include "ops/kernels.h"
 
+#ifdef FUSED_DROPOUT_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/norm.h"
+#include "ops/rng.h"
+#endif
+
 namespace fused_dropout {
 namespace {
 
@@ -109,7 +118,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_norm_kernel(
     pair.data_ptr<int64_t>()[0] = static_cast<int64_t>(s);
     pair.data_ptr<int64_t>()[1] = static_cast<int64_t>(o);
   } else {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, "fused_dropout.", kOp, ": no CUDA kernels yet");
+#ifdef FUSED_DROPOUT_WITH_CUDA
+    c10::cuda::CUDAGuard guard(input.device());
+    const at::PhiloxCudaState philox = cuda_philox_state(rng, draw, input.device().index());
+    pair = at::empty({2}, input.options().dtype(at::kLong));  // the kernel writes the pair used
+    C10_CUDA_CHECK(
+        norm_forward_cuda(args, philox, pair.mutable_data_ptr<int64_t>(),
+                          c10::cuda::getCurrentCUDAStream(input.device().index()).stream()));
+#else
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "fused_dropout.", kOp, ": this build has no CUDA kernels");
+#endif
   }
   return {y, h, mean, rstd, pair};
 }
@@ -200,7 +218,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_norm_backward_ker
     const auto [s, o] = cpu_pair(rng, true);
     norm_backward_cpu(args, s, o);
   } else {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, "fused_dropout.", op, ": no CUDA kernels yet");
+#ifdef FUSED_DROPOUT_WITH_CUDA
+    c10::cuda::CUDAGuard guard(grad_y.device());
+    // check_op checked the pair (int64[2], contiguous, on grad_y's device): read by the kernel
+    C10_CUDA_CHECK(
+        norm_backward_cuda(args, seed_offset.const_data_ptr<int64_t>(),
+                           c10::cuda::getCurrentCUDAStream(grad_y.device().index()).stream()));
+#else
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "fused_dropout.", op, ": this build has no CUDA kernels");
+#endif
   }
   return {grad_input, grad_h_out, grad_weight, grad_bias, grad_input_bias};
 }

@@ -11,7 +11,7 @@ from fused_dropout import _loader
 if not _loader.running_env_report():  # `python -m fused_dropout` loads the library itself
     _loader.load()
 
-    from fused_dropout import blocks, functional, functional_mode, ops, skip
+    from fused_dropout import blocks, distributed, functional, functional_mode, ops, skip
     from fused_dropout.convert import convert
     from fused_dropout.functional_mode import mode
     from fused_dropout.modules import (
@@ -48,6 +48,7 @@ __all__ = [
     "StochasticDepth",
     "blocks",
     "convert",
+    "distributed",
     "functional",
     "functional_mode",
     "mode",

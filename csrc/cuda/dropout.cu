@@ -192,13 +192,32 @@ __device__ __forceinline__ void load_bias(const Params<D>& p, int64_t& col,
   }
 }
 
+// The global mask index of local mask index q (MaskMap's box; q itself without one).
+__device__ __forceinline__ uint64_t box_index(const MaskMap& map, int64_t q) {
+  return static_cast<uint64_t>(map.boxed ? map.base + (q / map.seg) * map.seg_stride + q % map.seg
+                                         : q);
+}
+
 // Keep bits of a tile (bit j: element e0 + j) for a mask over leading dims (MaskMap):
-// m = (e / run) * stride + e % period, walked element by element in a rolled loop
-// (one Philox call per distinct group of 8); a tile inside one run of a contiguous
-// layout shares one flag.
+// m = (e / run) * stride + e % period, through the box if any, walked element by element
+// in a rolled loop (one Philox call per distinct group of 8); a tile inside one run of a
+// contiguous layout shares one flag. An element-wise mask in a box (a shard) whose tile lies
+// in one segment has consecutive mask indices from m0 = box_index(e0), any m0: the tile's
+// Philox groups, shifted by the head m0 % 8 (a 16-byte vector may straddle two groups).
 template <int N>
 __device__ __forceinline__ uint32_t keep_broadcast(const PhiloxStream& stream, const KeepRule& rule,
                                                    const MaskMap& map, int64_t e0) {
+  if (map.boxed && map.run == 1 && map.period == 1 && e0 % map.seg + N <= map.seg) {
+    const uint64_t m0 = box_index(map, e0);
+    const int head = static_cast<int>(m0 % kMaskPerCall);
+    const uint64_t g0 = m0 / kMaskPerCall;
+    uint64_t bits = 0;
+#pragma unroll 1
+    for (int i = 0; i * kMaskPerCall < head + N; ++i) {
+      bits |= static_cast<uint64_t>(keep_bits8(stream, rule, g0 + i)) << (kMaskPerCall * i);
+    }
+    return static_cast<uint32_t>(bits >> head);
+  }
   int64_t outer = e0 / map.run;
   int64_t in_run = e0 - outer * map.run;
   int64_t channel = map.period == 1 ? 0 : e0 % map.period;
@@ -209,7 +228,7 @@ __device__ __forceinline__ uint32_t keep_broadcast(const PhiloxStream& stream, c
   uint32_t group_bits = 0, bits = 0;
 #pragma unroll 1
   for (int j = 0; j < walk; ++j) {
-    const uint64_t m = static_cast<uint64_t>(outer * map.stride + channel);
+    const uint64_t m = box_index(map, outer * map.stride + channel);
     if (m / kMaskPerCall != group) {
       group = m / kMaskPerCall;
       group_bits = keep_bits8(stream, rule, group);
@@ -396,7 +415,9 @@ cudaError_t launch_typed(const MaskedOpArgs& a, at::PhiloxCudaState philox, cons
   // bias comes only with a residual (dropout_add): no kernel adds it without one.
   if (a.bias != nullptr && a.residual == nullptr) return cudaErrorInvalidValue;
   const bool residual = a.residual != nullptr;
-  if (!a.map.elementwise()) {
+  // An element-wise mask in a box (a shard) takes the leading-dims kernels, whose tiles map
+  // their mask indices through it.
+  if (!a.map.elementwise() || a.map.boxed) {
     if (a.affine.has_shift) {
       launch_variant<D, false, false, false, true>(p, stream);
     } else if (a.bias != nullptr) {

@@ -310,14 +310,14 @@ BOX_MUTATIONS = (
     cuda_host.Mutation(
         "head peel off by one",
         KERNEL,
-        "const int head = static_cast<int>(m0 % kMaskPerCall);",
-        "const int head = static_cast<int>((m0 + 1) % kMaskPerCall);",
+        "if (groups) return static_cast<uint32_t>(bits >> head);",
+        "if (groups) return static_cast<uint32_t>(bits >> (head + 1));",
     ),
     cuda_host.Mutation(
         "tile straddling two Philox groups draws only the first",
         KERNEL,
-        "for (int i = 0; i * kMaskPerCall < head + N; ++i) {",
-        "for (int i = 0; i * kMaskPerCall < N; ++i) {",
+        "groups ? (head + N + kMaskPerCall - 1) / kMaskPerCall",
+        "groups ? (N + kMaskPerCall - 1) / kMaskPerCall",
     ),
     cuda_host.Mutation(
         "segment stride ignored",

@@ -11,6 +11,8 @@ from fused_dropout import _loader
 if not _loader.running_env_report():  # `python -m fused_dropout` loads the library itself
     _loader.load()
 
+    import sys as _sys
+
     from fused_dropout import blocks, distributed, functional, functional_mode, ops, skip
     from fused_dropout.convert import convert
     from fused_dropout.functional_mode import mode
@@ -30,6 +32,11 @@ if not _loader.running_env_report():  # `python -m fused_dropout` loads the libr
         StochasticDepth,
     )
     from fused_dropout.skip import DropPathResidual
+
+    if "torch.distributed.tensor" in _sys.modules:  # else distributed.enable_dtensor()
+        from fused_dropout import _dtensor
+
+        _dtensor.register()
 
 __all__ = [
     "AlphaDropout",

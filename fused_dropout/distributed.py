@@ -13,7 +13,9 @@ The pair: every rank must draw the same ``(seed, offset)``. The default generato
 identically on every rank as long as every rank seeds it alike (``torch.manual_seed(s)`` with
 one ``s``) and runs the same ops; :func:`check_same_seed` checks it (one all_gather).
 
-Not covered (yet): DTensor inputs, tensor/sequence parallel, FSDP2 with
+DTensor: ``dropout`` (not yet the other ops) takes DTensor inputs, see :func:`enable_dtensor`.
+
+Not covered (yet): DTensor inputs of the other ops, tensor/sequence parallel, FSDP2 with
 ``convert(skip_dropped=True)`` (``drop_path_residual``), the fused norms
 (``dropout_add_norm``), TorchScript-compiled modules (they run the ops without the box), and
 activation checkpointing whose recomputation runs outside the block.
@@ -27,7 +29,24 @@ import hashlib
 
 import torch
 
-__all__ = ["batch_sharded", "check_same_seed", "current_box", "generator_state_hash"]
+__all__ = [
+    "batch_sharded",
+    "check_same_seed",
+    "current_box",
+    "enable_dtensor",
+    "generator_state_hash",
+]
+
+
+def enable_dtensor() -> bool:
+    """Register ``dropout``'s DTensor rules (see fused_dropout/_dtensor.py): a DTensor input
+    gets the mask of its logical tensor, whatever its placements. ``import fused_dropout``
+    does it by itself when ``torch.distributed.tensor`` is already imported (importing it
+    costs about 0.7 s, so it is not imported for everyone). Returns False where torch lacks
+    ``torch.library.register_torch_dispatch`` (before 2.5)."""
+    from fused_dropout import _dtensor
+
+    return _dtensor.register()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -201,12 +201,58 @@ def _scenario_errors(rank: int) -> dict:
     return errors
 
 
+def _dtensor_cases():
+    """(name, global input, placements, call): Shard(d) for every d (uneven: 5 rows, 7
+    columns on 2 ranks), Replicate and Partial, element-wise, per-sample and channel masks."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    x = _global_input((5, 7, 6), 8)
+    img = _global_input((5, 4, 3, 3), 9)
+    cases = []
+    for placement in (Shard(0), Shard(1), Shard(2), Replicate(), Partial()):
+        cases.append((f"dropout-{placement}", x, placement, lambda t: F.dropout(t, 0.4)))
+    for placement in (Shard(0), Shard(1)):
+        cases.append((f"drop_path-{placement}", x, placement, lambda t: F.drop_path(t, 0.5, True)))
+    for placement in (Shard(0), Shard(1), Shard(2)):
+        cases.append((f"dropout2d-{placement}", img, placement, lambda t: F.dropout2d(t, 0.5)))
+    return cases
+
+
+def _scenario_dtensor(rank: int) -> dict:
+    """Each case on a DTensor of a 1-D mesh of both ranks: the full output and the full
+    gradient for a fixed upstream gradient."""
+    from fused_dropout import _dtensor
+
+    if _dtensor.available() is not None:
+        return {}
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, distribute_tensor
+
+    distributed.enable_dtensor()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+    for i, (name, x, placement, call) in enumerate(_dtensor_cases()):
+        if isinstance(placement, Partial):  # each rank holds half of the sum
+            xd = DTensor.from_local(x / WORLD, mesh, [placement])
+        else:
+            xd = distribute_tensor(x, mesh, [placement])
+        xd = xd.detach().requires_grad_()
+        torch.manual_seed(SEED + i)
+        y = call(xd)
+        up = torch.arange(x.numel(), dtype=x.dtype).view(x.shape).cos()
+        placements = y.placements
+        y.backward(distribute_tensor(up, mesh, placements))
+        out[name] = (y.full_tensor().detach(), xd.grad.full_tensor(), str(placements))
+    return out
+
+
 _SCENARIOS = {
     "masks": _scenario_masks,
     "masks_plain": _scenario_masks_plain,
     "masks_dim1": _scenario_masks_dim1,
     "ddp": _scenario_ddp,
     "errors": _scenario_errors,
+    "dtensor": _scenario_dtensor,
 }
 
 
@@ -318,3 +364,25 @@ def test_batch_sharded_needs_an_initialized_process_group():
         with distributed.batch_sharded():
             pass
     assert distributed.current_box(torch.ones(2)) == (None, None)
+
+
+def test_dtensor_dropout_is_the_full_tensors_bit_for_bit(ranks):
+    """dropout of a DTensor (Shard(d) for each d, uneven, Replicate, Partial reduced first):
+    full output and full gradient bit for bit those of one process on the full tensor, on
+    every rank; per-sample and channel masks with the batch, channel or a spatial dim
+    sharded."""
+    from fused_dropout import _dtensor
+
+    if _dtensor.available() is not None:
+        pytest.skip(_dtensor.available())
+    assert ranks[0]["dtensor"], "the ranks ran no DTensor case"
+    for i, (name, x, _, call) in enumerate(_dtensor_cases()):
+        xg = x.detach().clone().requires_grad_()
+        torch.manual_seed(SEED + i)
+        y = call(xg)
+        up = torch.arange(x.numel(), dtype=x.dtype).view(x.shape).cos()
+        (grad,) = torch.autograd.grad(y, xg, up)
+        for r, got in enumerate(ranks):
+            gy, gg, placements = got["dtensor"][name]
+            _bitwise(gy, y.detach(), f"{name}: rank {r}'s full output ({placements})")
+            _bitwise(gg, grad, f"{name}: rank {r}'s full gradient")

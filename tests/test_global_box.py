@@ -329,6 +329,7 @@ BOX_MUTATIONS = (
 
 
 @needs_host
+@pytest.mark.slow  # a cold CI run compiles each mutant of the kernel
 @pytest.mark.parametrize("mutation", BOX_MUTATIONS, ids=lambda m: m.name.replace(" ", "_"))
 def test_planted_box_bug_is_caught(mutation):
     mutant = cuda_host.build((mutation,), jobs=1)

@@ -178,6 +178,21 @@ def _scenario_ddp(rank: int) -> dict:
     return {"out": out.detach(), "grads": grads}
 
 
+def _scenario_checkpoint(rank: int) -> dict:
+    """Non-reentrant activation checkpointing: the recomputation runs in backward, which runs
+    inside the block here, so it draws the same (global) masks again."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _model()
+    x, up = _block_inputs(rank)
+    x.requires_grad_()
+    torch.manual_seed(SEED)
+    with distributed.batch_sharded():
+        out = checkpoint(model, x, use_reentrant=False)
+        out.backward(up)
+    return {"out": out.detach(), "x_grad": x.grad}
+
+
 def _scenario_errors(rank: int) -> dict:
     errors = {}
     torch.manual_seed(SEED + rank)  # seeded differently
@@ -252,6 +267,7 @@ _SCENARIOS = {
     "masks_dim1": _scenario_masks_dim1,
     "ddp": _scenario_ddp,
     "errors": _scenario_errors,
+    "checkpoint": _scenario_checkpoint,
     "dtensor": _scenario_dtensor,
 }
 
@@ -386,3 +402,17 @@ def test_dtensor_dropout_is_the_full_tensors_bit_for_bit(ranks):
             gy, gg, placements = got["dtensor"][name]
             _bitwise(gy, y.detach(), f"{name}: rank {r}'s full output ({placements})")
             _bitwise(gg, grad, f"{name}: rank {r}'s full gradient")
+
+
+def test_activation_checkpointing_recomputes_the_global_masks(ranks):
+    """Outputs and input gradients bit for bit with one process (no checkpointing there): the
+    recomputation in backward drew the same masks (preserve_rng_state, the default)."""
+    model = _model()
+    x, up = _block_inputs(None)
+    x.requires_grad_()
+    torch.manual_seed(SEED)
+    out = model(x)
+    out.backward(up)
+    for r, got in enumerate(ranks):
+        _bitwise(got["checkpoint"]["out"], _rows(out.detach(), r), f"rank {r}'s output")
+        _bitwise(got["checkpoint"]["x_grad"], _rows(x.grad, r), f"rank {r}'s input gradient")

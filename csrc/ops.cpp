@@ -4,22 +4,30 @@
 // on: one kernel for every device), and fused_dropout/ops.py holds the fake (meta) kernels.
 #include <torch/library.h>
 
+// global_shape / global_offset (dropout, dropout_, dropout_backward, dropout_add): the input is
+// the slice [global_offset, global_offset + input.shape) of a logical tensor of global_shape, and
+// its mask is that logical tensor's, indexed by global position (ops/checks.h's check_box).
 TORCH_LIBRARY(fused_dropout, m) {
   const std::vector<at::Tag> seeded = {at::Tag::nondeterministic_seeded};
   m.def(
       "dropout(Tensor input, float p, int mask_ndim, bool scale_by_keep, bool alpha, int? seed, "
-      "int? offset, Generator? generator) -> (Tensor, Tensor)",
+      "int? offset, Generator? generator, SymInt[]? global_shape=None, SymInt[]? "
+      "global_offset=None) -> (Tensor, Tensor)",
       seeded);
   m.def(
       "dropout_(Tensor(a!) input, float p, int mask_ndim, bool scale_by_keep, bool alpha, "
-      "int? seed, int? offset, Generator? generator) -> Tensor",
+      "int? seed, int? offset, Generator? generator, SymInt[]? global_shape=None, SymInt[]? "
+      "global_offset=None) -> Tensor",
       seeded);
   m.def(
       "dropout_backward(Tensor grad, Tensor seed_offset, float p, int mask_ndim, "
-      "bool scale_by_keep, bool alpha) -> Tensor");
+      "bool scale_by_keep, bool alpha, SymInt[]? global_shape=None, SymInt[]? global_offset=None) "
+      "-> Tensor");
   m.def(
       "dropout_add(Tensor input, Tensor residual, Tensor? bias, float p, int mask_ndim, "
-      "bool scale_by_keep, int? seed, int? offset, Generator? generator) -> (Tensor, Tensor)",
+      "bool scale_by_keep, int? seed, int? offset, Generator? generator, SymInt[]? "
+      "global_shape=None, SymInt[]? global_offset=None) -> "
+      "(Tensor, Tensor)",
       seeded);
   // h = residual + dropout(input + input_bias), y = norm(h) * weight + bias over the last dim
   // (LayerNorm, or RMSNorm with rms): y, h (empty unless keep_h), the rows' mean (empty for

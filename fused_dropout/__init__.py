@@ -11,7 +11,9 @@ from fused_dropout import _loader
 if not _loader.running_env_report():  # `python -m fused_dropout` loads the library itself
     _loader.load()
 
-    from fused_dropout import blocks, functional, functional_mode, ops, skip
+    import sys as _sys
+
+    from fused_dropout import blocks, distributed, functional, functional_mode, ops, skip
     from fused_dropout.convert import convert
     from fused_dropout.functional_mode import mode
     from fused_dropout.modules import (
@@ -31,6 +33,11 @@ if not _loader.running_env_report():  # `python -m fused_dropout` loads the libr
     )
     from fused_dropout.skip import DropPathResidual
 
+    if "torch.distributed.tensor" in _sys.modules:  # else distributed.enable_dtensor()
+        from fused_dropout import _dtensor
+
+        _dtensor.register()
+
 __all__ = [
     "AlphaDropout",
     "BiasDropoutAdd",
@@ -48,6 +55,7 @@ __all__ = [
     "StochasticDepth",
     "blocks",
     "convert",
+    "distributed",
     "functional",
     "functional_mode",
     "mode",

@@ -15,6 +15,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import distributed as _distributed
+
 
 def check_p(p: float, what: str = "dropout probability") -> None:
     if not 0.0 <= p <= 1.0:  # also rejects NaN
@@ -33,16 +35,39 @@ def masked(
     offset: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """``input`` masked over its leading ``mask_ndim`` dims (-1: element-wise)."""
+    """``input`` masked over its leading ``mask_ndim`` dims (-1: element-wise); inside
+    ``distributed.batch_sharded`` (not under TorchScript), by its global batch positions."""
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    global_shape: list[int] | None = None
+    global_offset: list[int] | None = None
+    if not torch.jit.is_scripting():
+        global_shape, global_offset = _distributed.current_box(input)
     if inplace:
         torch.ops.fused_dropout.dropout_(
-            input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator
+            input,
+            p,
+            mask_ndim,
+            scale_by_keep,
+            alpha,
+            seed,
+            offset,
+            generator,
+            global_shape,
+            global_offset,
         )
         return input
     return torch.ops.fused_dropout.dropout(
-        input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator
+        input,
+        p,
+        mask_ndim,
+        scale_by_keep,
+        alpha,
+        seed,
+        offset,
+        generator,
+        global_shape,
+        global_offset,
     )[0]
 
 
@@ -240,7 +265,12 @@ def masked_add(
     offset: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """``residual + dropout(input + bias)``; outside training the same kernel with p = 0."""
+    """``residual + dropout(input + bias)``; outside training the same kernel with p = 0.
+    Inside ``distributed.batch_sharded`` (not under TorchScript): by global batch positions."""
+    global_shape: list[int] | None = None
+    global_offset: list[int] | None = None
+    if not torch.jit.is_scripting():
+        global_shape, global_offset = _distributed.current_box(input)
     return torch.ops.fused_dropout.dropout_add(
         input,
         residual,
@@ -251,6 +281,8 @@ def masked_add(
         seed,
         offset,
         generator,
+        global_shape,
+        global_offset,
     )[0]
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "dropout_add_norm",
     "dropout_add_norm_backward",
     "dropout_backward",
+    "mask_box",
     "set_cpu_capability",
     "split_seed_offset",
 ]
@@ -55,11 +56,26 @@ def dropout(
     *,
     generator: torch.Generator | None = None,
     seed_offset: tuple[int, int] | None = None,
+    global_shape: list[int] | None = None,
+    global_offset: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Masked copy of ``input`` (mask over its leading ``mask_ndim`` dims) and the pair used."""
+    """Masked copy of ``input`` (mask over its leading ``mask_ndim`` dims) and the pair used.
+
+    ``global_shape``/``global_offset``: ``input`` is the slice ``[global_offset, global_offset +
+    input.shape)`` of a logical tensor of ``global_shape`` (a shard, a data-parallel rank's
+    rows), and gets that tensor's mask at its global positions (see :func:`mask_box`)."""
     seed, offset = split_seed_offset(seed_offset)
     return torch.ops.fused_dropout.dropout(
-        input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator
+        input,
+        p,
+        mask_ndim,
+        scale_by_keep,
+        alpha,
+        seed,
+        offset,
+        generator,
+        global_shape,
+        global_offset,
     )
 
 
@@ -72,11 +88,22 @@ def dropout_(
     *,
     generator: torch.Generator | None = None,
     seed_offset: tuple[int, int] | None = None,
+    global_shape: list[int] | None = None,
+    global_offset: list[int] | None = None,
 ) -> Tensor:
     """Mask ``input`` in place and return the pair used."""
     seed, offset = split_seed_offset(seed_offset)
     return torch.ops.fused_dropout.dropout_(
-        input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator
+        input,
+        p,
+        mask_ndim,
+        scale_by_keep,
+        alpha,
+        seed,
+        offset,
+        generator,
+        global_shape,
+        global_offset,
     )
 
 
@@ -87,10 +114,13 @@ def dropout_backward(
     mask_ndim: int = -1,
     scale_by_keep: bool = True,
     alpha: bool = False,
+    *,
+    global_shape: list[int] | None = None,
+    global_offset: list[int] | None = None,
 ) -> Tensor:
     """Gradient of :func:`dropout`'s output, the mask regenerated from ``seed_offset``."""
     return torch.ops.fused_dropout.dropout_backward(
-        grad, seed_offset, p, mask_ndim, scale_by_keep, alpha
+        grad, seed_offset, p, mask_ndim, scale_by_keep, alpha, global_shape, global_offset
     )
 
 
@@ -104,11 +134,23 @@ def dropout_add(
     *,
     generator: torch.Generator | None = None,
     seed_offset: tuple[int, int] | None = None,
+    global_shape: list[int] | None = None,
+    global_offset: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``residual + dropout(input + bias)`` in one pass, and the pair used."""
     seed, offset = split_seed_offset(seed_offset)
     return torch.ops.fused_dropout.dropout_add(
-        input, residual, bias, p, mask_ndim, scale_by_keep, seed, offset, generator
+        input,
+        residual,
+        bias,
+        p,
+        mask_ndim,
+        scale_by_keep,
+        seed,
+        offset,
+        generator,
+        global_shape,
+        global_offset,
     )
 
 
@@ -247,27 +289,138 @@ def _check_like_kernel(input, p, mask_ndim, seed, offset, op):
     )
 
 
+def mask_box(
+    shape: list[int], mask_ndim: int, global_shape: list[int], global_offset: list[int]
+) -> tuple[bool, int, int, int]:
+    """The mask indexing of a tensor of ``shape`` at ``global_offset`` in one of
+    ``global_shape``, mask over its leading ``mask_ndim`` dims (-1: all): ``(boxed, base, seg,
+    seg_stride)``, local mask index ``q`` -> global ``base + (q // seg) * seg_stride + q % seg``
+    (boxed False: ``q`` itself). csrc/ops/checks.cpp's check_box, with its errors."""
+    ndim = len(shape)
+    k = ndim if mask_ndim == -1 else mask_ndim
+    return _box(list(shape), k, list(global_shape), list(global_offset), "mask_box")
+
+
+def _box(local, k, shape, start, op):
+    where = f"fused_dropout.{op}"
+    ndim = len(local)
+    torch._check_value(
+        len(shape) == ndim and len(start) == ndim,
+        lambda: (
+            f"{where}: global_shape and global_offset must have one entry per dim of the input "
+            f"({ndim}), got {shape} and {start}"
+        ),
+    )
+    for d in range(ndim):
+        torch._check_value(
+            start[d] >= 0 and shape[d] >= 0 and start[d] + local[d] <= shape[d],
+            lambda d=d: (
+                f"{where}: the input (shape {local}) at global_offset {start} is not inside "
+                f"global_shape {shape} (dim {d})"
+            ),
+        )
+    if math.prod(local) == 0:
+        return False, 0, 1, 1
+    stride, s = [0] * k, 1
+    for d in range(k - 1, -1, -1):
+        stride[d], s = s, s * shape[d]
+    base, dims = 0, []  # (local size, global stride), inner first, merged
+    for d in range(k - 1, -1, -1):
+        base += start[d] * stride[d]
+        if local[d] == 1:
+            continue
+        if dims and stride[d] == dims[-1][0] * dims[-1][1]:
+            dims[-1][0] *= local[d]
+        else:
+            dims.append([local[d], stride[d]])
+    if not dims:
+        seg, seg_stride = 1, 0
+    elif len(dims) == 1:
+        seg, seg_stride = (dims[0][0],) * 2 if dims[0][1] == 1 else (1, dims[0][1])
+    else:
+        torch._check_not_implemented(
+            len(dims) == 2 and dims[0][1] == 1,
+            lambda: (
+                f"{where}: the box of shape {local} at {start} in {shape} is sharded along more "
+                f"than one dim of the mask (over the leading {k} dims); only one sharded mask "
+                "dim (and dims of local size 1) is supported"
+            ),
+        )
+        seg, seg_stride = dims[0][0], dims[1][1]
+    return not (base == 0 and seg_stride == seg), base, seg, seg_stride
+
+
+def _check_box_fake(input, mask_ndim, global_shape, global_offset, op):
+    torch._check_value(
+        (global_shape is None) == (global_offset is None),
+        lambda: f"fused_dropout.{op}: global_shape and global_offset must be given together",
+    )
+    if global_shape is not None and -1 <= mask_ndim <= input.dim():
+        k = input.dim() if mask_ndim == -1 else mask_ndim
+        _box(list(input.shape), k, list(global_shape), list(global_offset), op)
+
+
 @torch.library.register_fake("fused_dropout::dropout")
-def _dropout_fake(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator):
+def _dropout_fake(
+    input,
+    p,
+    mask_ndim,
+    scale_by_keep,
+    alpha,
+    seed,
+    offset,
+    generator,
+    global_shape=None,
+    global_offset=None,
+):
     _check_like_kernel(input, p, mask_ndim, seed, offset, "dropout")
+    _check_box_fake(input, mask_ndim, global_shape, global_offset, "dropout")
     return torch.empty_like(input), _fake_pair(input)
 
 
 @torch.library.register_fake("fused_dropout::dropout_")
-def _dropout_inplace_fake(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator):
+def _dropout_inplace_fake(
+    input,
+    p,
+    mask_ndim,
+    scale_by_keep,
+    alpha,
+    seed,
+    offset,
+    generator,
+    global_shape=None,
+    global_offset=None,
+):
     _check_like_kernel(input, p, mask_ndim, seed, offset, "dropout_")
+    _check_box_fake(input, mask_ndim, global_shape, global_offset, "dropout_")
     return _fake_pair(input)
 
 
 @torch.library.register_fake("fused_dropout::dropout_backward")
-def _dropout_backward_fake(grad, seed_offset, p, mask_ndim, scale_by_keep, alpha):
+def _dropout_backward_fake(
+    grad, seed_offset, p, mask_ndim, scale_by_keep, alpha, global_shape=None, global_offset=None
+):
     _check_like_kernel(grad, p, mask_ndim, None, None, "dropout_backward")
+    _check_box_fake(grad, mask_ndim, global_shape, global_offset, "dropout_backward")
     return torch.empty_like(grad)
 
 
 @torch.library.register_fake("fused_dropout::dropout_add")
-def _dropout_add_fake(input, residual, bias, p, mask_ndim, scale_by_keep, seed, offset, generator):
+def _dropout_add_fake(
+    input,
+    residual,
+    bias,
+    p,
+    mask_ndim,
+    scale_by_keep,
+    seed,
+    offset,
+    generator,
+    global_shape=None,
+    global_offset=None,
+):
     _check_like_kernel(input, p, mask_ndim, seed, offset, "dropout_add")
+    _check_box_fake(input, mask_ndim, global_shape, global_offset, "dropout_add")
     where = "fused_dropout.dropout_add"
 
     def same_device_and_dtype(name, t):

@@ -325,6 +325,10 @@ class _HostOp(ctypes.Structure):
         ("stride", ctypes.c_int64),
         ("period", ctypes.c_int64),
         ("mask_numel", ctypes.c_int64),
+        ("boxed", ctypes.c_int),
+        ("base", ctypes.c_int64),
+        ("seg", ctypes.c_int64),
+        ("seg_stride", ctypes.c_int64),
         ("p", ctypes.c_double),
         ("scale_by_keep", ctypes.c_int),
         ("alpha", ctypes.c_int),
@@ -457,12 +461,16 @@ class HostCuda:
         seed_offset: tuple[int, int] = (0, 0),
         pair_in: tuple[int, int] | None = None,
         captured_intragraph: int | None = None,
+        global_shape: list[int] | None = None,
+        global_offset: list[int] | None = None,
     ) -> Result:
         """Run one masked op as ops.cpp would on a GPU and return its result.
 
         The (seed, offset) pair comes from ``pair_in`` if given (backward), else from a
         PhiloxCudaState holding ``seed_offset``: plain, or, with ``captured_intragraph``, the
         graph-captured form (seed and offset read through pointers, plus that increment).
+        ``global_shape``/``global_offset``: ``x`` is that box of a larger tensor, whose mask it
+        takes (the MaskMap's box, from ``fused_dropout.ops.mask_box``, as ops.cpp sets it).
         """
         k = x.dim() if mask_ndim == -1 else mask_ndim
         same = residual is None or residual.stride() == x.stride()
@@ -494,6 +502,11 @@ class HostCuda:
         op.numel = x.numel()
         op.bias_len = 0 if bias is None else bias.numel()
         op.run, op.stride, op.period, op.mask_numel = run, stride, period, mask_numel
+        if global_shape is not None:
+            from fused_dropout.ops import mask_box
+
+            box = mask_box(list(x.shape), mask_ndim, global_shape, global_offset)
+            op.boxed, op.base, op.seg, op.seg_stride = box
         op.p = p
         op.scale_by_keep, op.alpha, op.backward = scale_by_keep, alpha, backward
         seed, offset = (v & 0xFFFFFFFFFFFFFFFF for v in seed_offset)

@@ -233,3 +233,40 @@ def test_empty_tensor_reports_the_pair_it_was_given():
     ):
         assert pair.tolist() == [5, 8]
     assert ops.dropout(x.cpu(), 0.5, seed_offset=(5, 8))[1].tolist() == [5, 8]
+
+
+# Boxes of a logical tensor (issue 17): (global shape, offset, local shape, mask_ndim).
+BOXES = [
+    ((1000,), (13,), (600,), -1),  # a head of 5 elements before the first whole group
+    (((1 << 20) + 3,), (7,), ((1 << 20) - 9,), -1),  # many tiles, each straddling two groups
+    ((6, 50, 7), (0, 3, 0), (6, 13, 7), -1),  # a middle dim sharded: runs of 91 every 350
+    ((6, 50, 7), (0, 0, 1), (6, 50, 3), -1),  # the last dim: runs of 3 every 7
+    ((300, 2), (13, 0), (257, 2), 1),  # per-sample, the batch sharded
+    ((6, 12, 4, 4), (0, 5, 0, 0), (6, 7, 4, 4), 2),  # channel masks, channels sharded
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("box", BOXES, ids=str)
+def test_box_on_cuda_is_the_global_cpu_op_sliced(dtype, box):
+    """A box's mask on the GPU (global_shape/global_offset) is the CPU op's on the logical
+    tensor, sliced: forward, dropout_add with a bias, and backward."""
+    shape, start, local, k = box
+    index = tuple(slice(o, o + n) for o, n in zip(start, local))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    r = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(shape[-1], generator=g, dtype=torch.float64).to(dtype)
+    kw = dict(seed_offset=SEED_OFFSET, global_shape=list(shape), global_offset=list(start))
+    xl, rl = x[index].contiguous().cuda(), r[index].contiguous().cuda()
+    bl = b[start[-1] : start[-1] + local[-1]].contiguous().cuda()
+    want = ops.dropout(x, 0.4, k, seed_offset=SEED_OFFSET)[0][index]
+    assert_same_bits(ops.dropout(xl, 0.4, k, **kw)[0], want)
+    want = ops.dropout_add(x, r, b, 0.4, k, seed_offset=SEED_OFFSET)[0][index]
+    assert_same_bits(ops.dropout_add(xl, rl, bl, 0.4, k, **kw)[0], want)
+    pair = ops.dropout(x[:1], 0.4, seed_offset=SEED_OFFSET)[1]
+    want = ops.dropout_backward(x, pair, 0.4, k)[index]
+    got = ops.dropout_backward(
+        xl, pair.cuda(), 0.4, k, global_shape=list(shape), global_offset=list(start)
+    )
+    assert_same_bits(got, want)

@@ -27,11 +27,22 @@ enum class DType : int { kFloat, kDouble, kHalf, kBFloat16 };
 // element-wise masks:       run = 1,         stride = 1, period = 1  (m = e)
 // leading dims, contiguous: run = inner,     stride = 1, period = 1
 // (N, C) mask, channels-last layout: run = C * spatial, stride = C, period = C
+//
+// A box (the local tensor is a slice of a larger logical one: a shard, or a data-parallel
+// rank's rows; ops/checks.cpp's check_box) then maps that local mask index q to the global
+// one, the row-major position in the logical mask:
+//   m = base + (q / seg) * seg_stride + q % seg
+// runs of seg consecutive local indices are consecutive global ones (base: any value, not
+// only a multiple of 8). Without a box (boxed false) m = q.
 struct MaskMap {
   int64_t run = 1;
   int64_t stride = 1;
   int64_t period = 1;
   int64_t mask_numel = 0;
+  bool boxed = false;
+  int64_t base = 0;
+  int64_t seg = 1;
+  int64_t seg_stride = 1;
   bool elementwise() const { return run == 1 && period == 1; }
 };
 

@@ -170,20 +170,60 @@ __attribute__((noinline)) void apply_segment(const Operands<scalar_t>& o, int64_
   }
 }
 
-// Element-wise mask: one Philox batch per block of kBlock elements.
+// Elements [e0, e0 + n) with keep flags keep[0 .. n), split at row ends when there is a
+// bias so that it never wraps inside a segment.
+template <bool kResidual, bool kBias, bool kShift, typename scalar_t>
+void apply_keep(const Operands<scalar_t>& o, int64_t e0, int64_t n, const uint8_t* keep) {
+  if constexpr (!kBias) {
+    apply_segment<true, kResidual, false, kShift>(o, e0, n, keep, 0);
+  } else {
+    for (int64_t k = 0; k < n;) {
+      const int64_t col = (e0 + k) % o.bias_len;
+      const int64_t len = std::min(n - k, o.bias_len - col);
+      apply_segment<true, kResidual, true, kShift>(o, e0 + k, len, keep + k, col);
+      k += len;
+    }
+  }
+}
+
+// Element-wise mask: one Philox batch per block of kBlock elements. The elements come in
+// segments whose mask indices are consecutive (one segment without a box; rows of the box,
+// MaskMap, with one): segment s holds elements [s * seg, ...) from mask index
+// base + s * seg_stride. A segment is a head, up to the next multiple of 8 in the mask (drawn
+// from its group and peeled off), then blocks whose mask indices start at multiples of 8, so
+// the SIMD paths draw whole Philox groups whatever the base.
 template <bool kResidual, bool kBias, bool kShift, typename scalar_t>
 void run_elementwise(const Operands<scalar_t>& o, const MaskedOpArgs& a, const LaneStream& stream) {
-  const int64_t nblocks = (a.numel + kBlock - 1) / kBlock;
-  parallel_for(0, nblocks, kGrainElements / kBlock, [&](int64_t b0, int64_t b1) {
+  const MaskMap& map = a.map;
+  const int64_t seg = map.boxed ? map.seg : a.numel;
+  const int64_t nseg = (a.numel + seg - 1) / seg;
+  const int64_t chunks = 1 + (seg + kBlock - 1) / kBlock;  // the head, then the blocks
+  parallel_for(0, nseg * chunks, kGrainElements / kBlock, [&](int64_t t0, int64_t t1) {
     alignas(64) uint8_t keep[kBlock];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t e0 = b * kBlock;
-      const int64_t n = std::min(kBlock, a.numel - e0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = t / chunks, c = t % chunks;
+      const int64_t seg_begin = s * seg;
+      const int64_t seg_end = std::min(seg_begin + seg, a.numel);
+      const int64_t m_begin = map.boxed ? map.base + s * map.seg_stride : 0;
+      const int64_t head =
+          std::min(seg_end - seg_begin, (kMaskPerCall - m_begin % kMaskPerCall) % kMaskPerCall);
+      if (c == 0) {
+        if (head > 0) {
+          const int64_t into = m_begin % kMaskPerCall;
+          draw_keep_block(stream, a.affine, m_begin - into, keep);
+          apply_keep<kResidual, kBias, kShift>(o, seg_begin, head, keep + into);
+        }
+        continue;
+      }
+      const int64_t e0 = seg_begin + head + (c - 1) * kBlock;
+      if (e0 >= seg_end) continue;
+      const int64_t m0 = m_begin + head + (c - 1) * kBlock;  // a multiple of 8
+      const int64_t n = std::min(kBlock, seg_end - e0);
 #ifdef FD_CPU_BLOCK_KERNEL
       if constexpr (kBlockKernel<scalar_t> && !kShift) {
         const int64_t col = kBias ? e0 % o.bias_len : 0;
         if (n == kBlock && (!kBias || col + kBlock <= o.bias_len)) {
-          const KeepBits bits = keep_bits(stream, a.affine, e0);
+          const KeepBits bits = keep_bits(stream, a.affine, m0);
           apply_block<kResidual, kBias>(o.x + e0, kResidual ? o.residual + e0 : nullptr,
                                         kBias ? o.bias + col : nullptr, o.out + e0, bits,
                                         o.consts.scale);
@@ -191,23 +231,42 @@ void run_elementwise(const Operands<scalar_t>& o, const MaskedOpArgs& a, const L
         }
       }
 #endif
-      draw_keep_block(stream, a.affine, e0, keep);
-      if constexpr (!kBias) {
-        apply_segment<true, kResidual, false, kShift>(o, e0, n, keep, 0);
-      } else {  // split at row ends so the bias never wraps inside a segment
-        for (int64_t k = 0; k < n;) {
-          const int64_t col = (e0 + k) % o.bias_len;
-          const int64_t len = std::min(n - k, o.bias_len - col);
-          apply_segment<true, kResidual, true, kShift>(o, e0 + k, len, keep + k, col);
-          k += len;
-        }
-      }
+      draw_keep_block(stream, a.affine, m0, keep);
+      apply_keep<kResidual, kBias, kShift>(o, e0, n, keep);
     }
   });
 }
 
+// keep[j] for the global mask indices [m, m + n), any m: from whole blocks drawn at
+// multiples of 8.
+void draw_keep_range(const LaneStream& stream, const MaskedAffine& a, int64_t m, int64_t n,
+                     uint8_t* keep) {
+  alignas(64) uint8_t block[kBlock];
+  while (n > 0) {
+    const int64_t into = m % kMaskPerCall;
+    draw_keep_block(stream, a, m - into, block);
+    const int64_t len = std::min(n, kBlock - into);
+    std::copy(block + into, block + into + len, keep);
+    keep += len, m += len, n -= len;
+  }
+}
+
+// keep[j] for the local mask indices [q0, q0 + kBlock) (q0 a multiple of kBlock; those past
+// mask_numel are left as they are): through the box when there is one.
+void draw_keep_local(const LaneStream& stream, const MaskedAffine& a, const MaskMap& map,
+                     int64_t q0, uint8_t* keep) {
+  if (!map.boxed) return draw_keep_block(stream, a, q0, keep);
+  const int64_t q1 = std::min(q0 + kBlock, map.mask_numel);
+  for (int64_t q = q0; q < q1;) {
+    const int64_t s = q / map.seg, in = q % map.seg;
+    const int64_t len = std::min(q1 - q, map.seg - in);
+    draw_keep_range(stream, a, map.base + s * map.seg_stride + in, len, keep + (q - q0));
+    q += len;
+  }
+}
+
 // Mask over leading dims: draw all mask_numel flags once (one Philox call per
-// 8 mask elements), then stream the elements in runs that share a flag
+// 8 mask elements; through the box, if any), then stream the elements in runs that share a flag
 // (contiguous) or walk the channels of each position (channels-last; never
 // with a bias, which needs the contiguous layout).
 template <bool kResidual, bool kBias, bool kShift, typename scalar_t>
@@ -217,7 +276,7 @@ void run_broadcast(const Operands<scalar_t>& o, const MaskedOpArgs& a, const Lan
   Vector<uint8_t> keep(nblocks * kBlock);
   parallel_for(0, nblocks, kGrainElements / kBlock, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      draw_keep_block(stream, a.affine, b * kBlock, &keep[b * kBlock]);
+      draw_keep_local(stream, a.affine, map, b * kBlock, &keep[b * kBlock]);
     }
   });
   parallel_for(0, a.numel, kGrainElements, [&](int64_t i0, int64_t i1) {

@@ -26,10 +26,13 @@ constexpr int kThreads = 256;
 // Blocks of kThreads each multiprocessor must hold at once (registers permitting): 4,
 // i.e. 1024 threads (at most 64 registers); 3 where 64 would spill: fp64 with a bias
 // (its tiles hold twice the data) and the leading-dims mask kernels of fp64 or with a
-// bias (their 64-bit index divisions).
+// bias (their 64-bit index divisions); 2 for the fp64 leading-dims kernel with a bias, which
+// spills at 80 registers since it also maps through a box (MaskMap; a rare variant).
 template <DType D, bool kElementwise, bool kBias>
 constexpr int kMinBlocks =
-    (D == DType::kDouble && (kBias || !kElementwise)) || (kBias && !kElementwise) ? 3 : 4;
+    D == DType::kDouble && kBias && !kElementwise                                   ? 2
+    : (D == DType::kDouble && (kBias || !kElementwise)) || (kBias && !kElementwise) ? 3
+                                                                                    : 4;
 
 // How a dtype is stored and converted on the GPU, on a tile (Vec, below): load_at(t, j)
 // gives element j in the compute type, store8(y, t, lo) rounds eight results into
@@ -196,34 +199,49 @@ __device__ __forceinline__ void load_bias(const Params<D>& p, int64_t& col,
   }
 }
 
+// The global mask index of local mask index q (MaskMap's box; q itself without one).
+__device__ __forceinline__ uint64_t box_index(const MaskMap& map, int64_t q) {
+  return static_cast<uint64_t>(map.boxed ? map.base + (q / map.seg) * map.seg_stride + q % map.seg
+                                         : q);
+}
+
 // Keep bits of a tile (bit j: element e0 + j) for a mask over leading dims (MaskMap):
-// m = (e / run) * stride + e % period, walked element by element in a rolled loop
-// (one Philox call per distinct group of 8); a tile inside one run of a contiguous
-// layout shares one flag.
+// m = (e / run) * stride + e % period, through the box if any, walked element by element
+// in a rolled loop (one Philox call per distinct group of 8); a tile inside one run of a
+// contiguous layout shares one flag. An element-wise mask in a box (a shard) whose tile lies
+// in one segment has consecutive mask indices from m0 = box_index(e0), any m0: the loop then
+// walks the tile's Philox groups instead, and the bits are shifted by the head m0 % 8 (a
+// 16-byte vector may straddle two groups). One call site of the rule (one inlined Philox)
+// serves every case: a second one spills registers.
 template <int N>
 __device__ __forceinline__ uint32_t keep_broadcast(const PhiloxStream& stream, const KeepRule& rule,
                                                    const MaskMap& map, int64_t e0) {
+  const bool groups = map.boxed && map.run == 1 && map.period == 1 && e0 % map.seg + N <= map.seg;
+  const uint64_t m0 = groups ? box_index(map, e0) : 0;
+  const int head = static_cast<int>(m0 % kMaskPerCall);
   int64_t outer = e0 / map.run;
   int64_t in_run = e0 - outer * map.run;
   int64_t channel = map.period == 1 ? 0 : e0 % map.period;
-  // One call site of the rule (one inlined Philox): a tile inside one run takes one turn.
+  // A tile inside one run takes one turn.
   const bool one_flag = map.period == 1 && in_run + N <= map.run;
-  const int walk = one_flag ? 1 : N;
-  uint64_t group = ~uint64_t(0);
-  uint32_t group_bits = 0, bits = 0;
+  const int walk = groups ? (head + N + kMaskPerCall - 1) / kMaskPerCall : one_flag ? 1 : N;
+  uint64_t group = ~uint64_t(0), bits = 0;
+  uint32_t group_bits = 0;
 #pragma unroll 1
   for (int j = 0; j < walk; ++j) {
-    const uint64_t m = static_cast<uint64_t>(outer * map.stride + channel);
+    const uint64_t m = groups ? m0 - head + uint64_t(kMaskPerCall) * j
+                              : box_index(map, outer * map.stride + channel);
     if (m / kMaskPerCall != group) {
       group = m / kMaskPerCall;
       group_bits = keep_bits8(stream, rule, group);
     }
-    bits |= ((group_bits >> (m % kMaskPerCall)) & 1u) << j;
+    bits |= groups ? static_cast<uint64_t>(group_bits) << (kMaskPerCall * j)
+                   : static_cast<uint64_t>((group_bits >> (m % kMaskPerCall)) & 1u) << j;
     if (++in_run == map.run) in_run = 0, ++outer;
     if (++channel == map.period) channel = 0;
   }
-  if (one_flag) bits = bits != 0 ? ~0u : 0u;
-  return bits;
+  if (groups) return static_cast<uint32_t>(bits >> head);
+  return one_flag ? (bits != 0 ? ~0u : 0u) : static_cast<uint32_t>(bits);
 }
 
 // One tile t of N elements, moved as vectors or element by element (the tail, or an
@@ -400,7 +418,9 @@ cudaError_t launch_typed(const MaskedOpArgs& a, at::PhiloxCudaState philox, cons
   // bias comes only with a residual (dropout_add): no kernel adds it without one.
   if (a.bias != nullptr && a.residual == nullptr) return cudaErrorInvalidValue;
   const bool residual = a.residual != nullptr;
-  if (!a.map.elementwise()) {
+  // An element-wise mask in a box (a shard) takes the leading-dims kernels, whose tiles map
+  // their mask indices through it.
+  if (!a.map.elementwise() || a.map.boxed) {
     if (a.affine.has_shift) {
       launch_variant<D, false, false, false, true>(p, stream);
     } else if (a.bias != nullptr) {

@@ -20,19 +20,27 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
 }
 
 Tensor call_dropout_backward(const Tensor& grad, const Tensor& pair, double p, int64_t mask_ndim,
-                             bool scale_by_keep, bool alpha) {
+                             bool scale_by_keep, bool alpha, at::OptionalIntArrayRef global_shape,
+                             at::OptionalIntArrayRef global_offset) {
   static auto op = op_handle<decltype(dropout_backward_kernel)>("fused_dropout::dropout_backward");
-  return op.call(grad, pair, p, mask_ndim, scale_by_keep, alpha);
+  return op.call(grad, pair, p, mask_ndim, scale_by_keep, alpha, global_shape, global_offset);
 }
 
-// The attributes every backward needs besides the pair.
+c10::IValue box_value(at::OptionalIntArrayRef v) {
+  return v ? c10::IValue(v->vec()) : c10::IValue();
+}
+
+// The attributes every backward needs besides the pair (the box: the mask's global indexing).
 void save_mask_params(AutogradContext* ctx, const Tensor& pair, double p, int64_t mask_ndim,
-                      bool scale_by_keep, bool alpha) {
+                      bool scale_by_keep, bool alpha, at::OptionalIntArrayRef global_shape,
+                      at::OptionalIntArrayRef global_offset) {
   ctx->save_for_backward({pair});
   ctx->saved_data["p"] = p;
   ctx->saved_data["mask_ndim"] = mask_ndim;
   ctx->saved_data["scale_by_keep"] = scale_by_keep;
   ctx->saved_data["alpha"] = alpha;
+  ctx->saved_data["global_shape"] = box_value(global_shape);
+  ctx->saved_data["global_offset"] = box_value(global_offset);
 }
 
 // dropout_backward of `grad` with the saved pair and parameters.
@@ -44,9 +52,18 @@ Tensor regenerate(AutogradContext* ctx, const Tensor& grad) {
   // Without create_graph there is no graph to record: skip the autograd kernel.
   std::optional<at::AutoDispatchBelowADInplaceOrView> no_graph;
   if (!at::GradMode::is_enabled()) no_graph.emplace();
+  const std::vector<int64_t> shape = ctx->saved_data["global_shape"].isNone()
+                                         ? std::vector<int64_t>()
+                                         : ctx->saved_data["global_shape"].toIntList().vec();
+  const std::vector<int64_t> start = ctx->saved_data["global_offset"].isNone()
+                                         ? std::vector<int64_t>()
+                                         : ctx->saved_data["global_offset"].toIntList().vec();
+  const bool boxed = !ctx->saved_data["global_shape"].isNone();
   return call_dropout_backward(
       grad, pair, ctx->saved_data["p"].toDouble(), ctx->saved_data["mask_ndim"].toInt(),
-      ctx->saved_data["scale_by_keep"].toBool(), ctx->saved_data["alpha"].toBool());
+      ctx->saved_data["scale_by_keep"].toBool(), ctx->saved_data["alpha"].toBool(),
+      boxed ? at::OptionalIntArrayRef(shape) : std::nullopt,
+      boxed ? at::OptionalIntArrayRef(start) : std::nullopt);
 }
 
 // The gradients of a forward with `inputs` arguments: the given ones first, then undefined
@@ -60,16 +77,19 @@ struct DropoutFunction : torch::autograd::Function<DropoutFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, double p,
                                int64_t mask_ndim, bool scale_by_keep, bool alpha,
                                optional<int64_t> seed, optional<int64_t> offset,
-                               optional<at::Generator> generator) {
+                               optional<at::Generator> generator,
+                               at::OptionalIntArrayRef global_shape,
+                               at::OptionalIntArrayRef global_offset) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = op_handle<decltype(dropout_kernel)>("fused_dropout::dropout");
-    auto [out, pair] = op.call(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator);
-    save_mask_params(ctx, pair, p, mask_ndim, scale_by_keep, alpha);
+    auto [out, pair] = op.call(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator,
+                               global_shape, global_offset);
+    save_mask_params(ctx, pair, p, mask_ndim, scale_by_keep, alpha, global_shape, global_offset);
     ctx->mark_non_differentiable({pair});
     return {out, pair};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return grads_then_undefined({regenerate(ctx, grads[0])}, 8);
+    return grads_then_undefined({regenerate(ctx, grads[0])}, 10);
   }
 };
 
@@ -79,32 +99,38 @@ struct DropoutInplaceFunction : torch::autograd::Function<DropoutInplaceFunction
   static variable_list forward(AutogradContext* ctx, Tensor input, double p, int64_t mask_ndim,
                                bool scale_by_keep, bool alpha, optional<int64_t> seed,
                                optional<int64_t> offset, optional<at::Generator> generator,
-                               Tensor* pair_out) {
+                               at::OptionalIntArrayRef global_shape,
+                               at::OptionalIntArrayRef global_offset, Tensor* pair_out) {
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       static auto op = op_handle<decltype(dropout_inplace_kernel)>("fused_dropout::dropout_");
-      *pair_out = op.call(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator);
+      *pair_out = op.call(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator,
+                          global_shape, global_offset);
     }
     torch::autograd::impl::bump_version(input);
     ctx->mark_dirty({input});
-    save_mask_params(ctx, *pair_out, p, mask_ndim, scale_by_keep, alpha);
+    save_mask_params(ctx, *pair_out, p, mask_ndim, scale_by_keep, alpha, global_shape,
+                     global_offset);
     return {input};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return grads_then_undefined({regenerate(ctx, grads[0])}, 9);
+    return grads_then_undefined({regenerate(ctx, grads[0])}, 11);
   }
 };
 
 // The backward is linear in the gradient, so its own backward is itself.
 struct DropoutBackwardFunction : torch::autograd::Function<DropoutBackwardFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& grad, const Tensor& pair,
-                               double p, int64_t mask_ndim, bool scale_by_keep, bool alpha) {
+                               double p, int64_t mask_ndim, bool scale_by_keep, bool alpha,
+                               at::OptionalIntArrayRef global_shape,
+                               at::OptionalIntArrayRef global_offset) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    save_mask_params(ctx, pair, p, mask_ndim, scale_by_keep, alpha);
-    return {call_dropout_backward(grad, pair, p, mask_ndim, scale_by_keep, alpha)};
+    save_mask_params(ctx, pair, p, mask_ndim, scale_by_keep, alpha, global_shape, global_offset);
+    return {call_dropout_backward(grad, pair, p, mask_ndim, scale_by_keep, alpha, global_shape,
+                                  global_offset)};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return grads_then_undefined({regenerate(ctx, grads[0])}, 6);
+    return grads_then_undefined({regenerate(ctx, grads[0])}, 8);
   }
 };
 
@@ -112,12 +138,15 @@ struct DropoutAddFunction : torch::autograd::Function<DropoutAddFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& residual,
                                const optional<Tensor>& bias, double p, int64_t mask_ndim,
                                bool scale_by_keep, optional<int64_t> seed, optional<int64_t> offset,
-                               optional<at::Generator> generator) {
+                               optional<at::Generator> generator,
+                               at::OptionalIntArrayRef global_shape,
+                               at::OptionalIntArrayRef global_offset) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = op_handle<decltype(dropout_add_kernel)>("fused_dropout::dropout_add");
-    auto [out, pair] =
-        op.call(input, residual, bias, p, mask_ndim, scale_by_keep, seed, offset, generator);
-    save_mask_params(ctx, pair, p, mask_ndim, scale_by_keep, /*alpha=*/false);
+    auto [out, pair] = op.call(input, residual, bias, p, mask_ndim, scale_by_keep, seed, offset,
+                               generator, global_shape, global_offset);
+    save_mask_params(ctx, pair, p, mask_ndim, scale_by_keep, /*alpha=*/false, global_shape,
+                     global_offset);
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->mark_non_differentiable({pair});
     return {out, pair};
@@ -131,7 +160,7 @@ struct DropoutAddFunction : torch::autograd::Function<DropoutAddFunction> {
       grad_bias = grad_input.dim() == 1 ? grad_input.clone() : grad_input.flatten(0, -2).sum(0);
     }
     // The residual's gradient is the incoming gradient itself: no copy.
-    return grads_then_undefined({grad_input, grad, grad_bias}, 9);
+    return grads_then_undefined({grad_input, grad, grad_bias}, 11);
   }
 };
 
@@ -225,15 +254,19 @@ struct DropoutAddNormFunction : torch::autograd::Function<DropoutAddNormFunction
 std::tuple<Tensor, Tensor> dropout_autograd(const Tensor& input, double p, int64_t mask_ndim,
                                             bool scale_by_keep, bool alpha, optional<int64_t> seed,
                                             optional<int64_t> offset,
-                                            optional<at::Generator> generator) {
-  auto out =
-      DropoutFunction::apply(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator);
+                                            optional<at::Generator> generator,
+                                            at::OptionalIntArrayRef global_shape,
+                                            at::OptionalIntArrayRef global_offset) {
+  auto out = DropoutFunction::apply(input, p, mask_ndim, scale_by_keep, alpha, seed, offset,
+                                    generator, global_shape, global_offset);
   return {out[0], out[1]};
 }
 
 Tensor dropout_inplace_autograd(Tensor& input, double p, int64_t mask_ndim, bool scale_by_keep,
                                 bool alpha, optional<int64_t> seed, optional<int64_t> offset,
-                                optional<at::Generator> generator) {
+                                optional<at::Generator> generator,
+                                at::OptionalIntArrayRef global_shape,
+                                at::OptionalIntArrayRef global_offset) {
   // torch's in-place checks, before anything is written.
   if (input.requires_grad() && at::GradMode::is_enabled()) {
     TORCH_CHECK(!(input.is_view() && input._base().is_leaf()),
@@ -244,22 +277,27 @@ Tensor dropout_inplace_autograd(Tensor& input, double p, int64_t mask_ndim, bool
   }
   Tensor pair;
   DropoutInplaceFunction::apply(input, p, mask_ndim, scale_by_keep, alpha, seed, offset, generator,
-                                &pair);
+                                global_shape, global_offset, &pair);
   return pair;
 }
 
 Tensor dropout_backward_autograd(const Tensor& grad, const Tensor& seed_offset, double p,
-                                 int64_t mask_ndim, bool scale_by_keep, bool alpha) {
-  return DropoutBackwardFunction::apply(grad, seed_offset, p, mask_ndim, scale_by_keep, alpha)[0];
+                                 int64_t mask_ndim, bool scale_by_keep, bool alpha,
+                                 at::OptionalIntArrayRef global_shape,
+                                 at::OptionalIntArrayRef global_offset) {
+  return DropoutBackwardFunction::apply(grad, seed_offset, p, mask_ndim, scale_by_keep, alpha,
+                                        global_shape, global_offset)[0];
 }
 
 std::tuple<Tensor, Tensor> dropout_add_autograd(const Tensor& input, const Tensor& residual,
                                                 const optional<Tensor>& bias, double p,
                                                 int64_t mask_ndim, bool scale_by_keep,
                                                 optional<int64_t> seed, optional<int64_t> offset,
-                                                optional<at::Generator> generator) {
+                                                optional<at::Generator> generator,
+                                                at::OptionalIntArrayRef global_shape,
+                                                at::OptionalIntArrayRef global_offset) {
   auto out = DropoutAddFunction::apply(input, residual, bias, p, mask_ndim, scale_by_keep, seed,
-                                       offset, generator);
+                                       offset, generator, global_shape, global_offset);
   return {out[0], out[1]};
 }
 

@@ -147,6 +147,62 @@ void check_row_vector(const at::Tensor& input, const at::Tensor& v, const char* 
       input.scalar_type(), fp32_ok ? " (it may be float32 or the input's dtype)" : "");
 }
 
+MaskBox check_box(const at::Tensor& input, int64_t k, at::OptionalIntArrayRef global_shape,
+                  at::OptionalIntArrayRef global_offset, const char* op) {
+  TORCH_CHECK_VALUE(global_shape.has_value() == global_offset.has_value(), "fused_dropout.", op,
+                    ": global_shape and global_offset must be given together");
+  MaskBox box;
+  if (!global_shape) return box;
+  const at::IntArrayRef shape = *global_shape, start = *global_offset, local = input.sizes();
+  const int64_t ndim = input.dim();
+  TORCH_CHECK_VALUE(
+      static_cast<int64_t>(shape.size()) == ndim && static_cast<int64_t>(start.size()) == ndim,
+      "fused_dropout.", op,
+      ": global_shape and global_offset must have one entry per "
+      "dim of the input (",
+      ndim, "), got ", shape, " and ", start);
+  for (int64_t d = 0; d < ndim; ++d) {
+    TORCH_CHECK_VALUE(start[d] >= 0 && shape[d] >= 0 && start[d] + local[d] <= shape[d],
+                      "fused_dropout.", op, ": the input (shape ", local, ") at global_offset ",
+                      start, " is not inside global_shape ", shape, " (dim ", d, ")");
+  }
+  if (input.numel() == 0) return box;
+  // Global strides of the mask dims; dims of local size 1 only add to the base.
+  std::vector<int64_t> stride(k);
+  for (int64_t d = k - 1, s = 1; d >= 0; --d) {
+    stride[d] = s;
+    s *= shape[d];
+  }
+  // (local size, global stride) of the dims of local size > 1, inner first, merged where the
+  // outer one steps over exactly the inner one's run.
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (int64_t d = k - 1; d >= 0; --d) {
+    box.base += start[d] * stride[d];
+    if (local[d] == 1) continue;
+    if (!dims.empty() && stride[d] == dims.back().first * dims.back().second) {
+      dims.back().first *= local[d];
+    } else {
+      dims.emplace_back(local[d], stride[d]);
+    }
+  }
+  if (dims.empty()) {  // one mask element
+    box.seg = 1, box.seg_stride = 0;
+  } else if (dims.size() == 1 && dims[0].second == 1) {  // consecutive
+    box.seg = box.seg_stride = dims[0].first;
+  } else if (dims.size() == 1) {  // one element per stride
+    box.seg = 1, box.seg_stride = dims[0].second;
+  } else {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        dims.size() == 2 && dims[0].second == 1, "fused_dropout.", op, ": the box of shape ", local,
+        " at ", start, " in ", shape,
+        " is sharded along more than one dim of the mask (over the leading ", k,
+        " dims); only one sharded mask dim (and dims of local size 1) is supported");
+    box.seg = dims[0].first, box.seg_stride = dims[1].second;
+  }
+  box.boxed = !(box.base == 0 && box.seg_stride == box.seg);
+  return box;
+}
+
 int64_t check_op(const at::Tensor& input, double p, int64_t mask_ndim, const RngSource& rng,
                  const char* op) {
   check_p(p);

@@ -25,6 +25,19 @@ void check_inplace(const at::Tensor& input, const char* op);
 void check_row_vector(const at::Tensor& input, const at::Tensor& v, const char* name, bool fp32_ok,
                       const char* op);
 
+// The box of a call (global_shape, global_offset): the input is the slice
+// [global_offset, global_offset + input.sizes()) of a logical tensor of global_shape, and its
+// mask (over the leading k dims) is indexed by the global row-major position. Checks it and
+// returns MaskMap's box fields (boxed false: the box is the whole tensor, or none was given).
+// Supported: boxes whose mask indices are runs of consecutive global ones at one stride, which
+// covers one sharded mask dim (Shard(d) for any d, batch sharding) and dims of local size 1.
+struct MaskBox {
+  bool boxed = false;
+  int64_t base = 0, seg = 1, seg_stride = 1;
+};
+MaskBox check_box(const at::Tensor& input, int64_t k, at::OptionalIntArrayRef global_shape,
+                  at::OptionalIntArrayRef global_offset, const char* op);
+
 // p, dtype, device, the RNG source and mask_ndim; returns the mask's number of leading dims.
 int64_t check_op(const at::Tensor& input, double p, int64_t mask_ndim, const RngSource& rng,
                  const char* op);

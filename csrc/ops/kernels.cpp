@@ -13,33 +13,42 @@ using std::optional;
 std::tuple<Tensor, Tensor> dropout_kernel(const Tensor& input, double p, int64_t mask_ndim,
                                           bool scale_by_keep, bool alpha, optional<int64_t> seed,
                                           optional<int64_t> offset,
-                                          optional<at::Generator> generator) {
+                                          optional<at::Generator> generator,
+                                          at::OptionalIntArrayRef global_shape,
+                                          at::OptionalIntArrayRef global_offset) {
   const RngSource rng{seed, offset, generator};
   const int64_t k = check_op(input, p, mask_ndim, rng, "dropout");
+  const MaskBox box = check_box(input, k, global_shape, global_offset, "dropout");
   Tensor out = at::empty_like(input);
   Tensor pair = run_masked(input, std::nullopt, std::nullopt, out, k,
-                           make_affine(p, scale_by_keep, alpha, /*backward=*/false), rng);
+                           make_affine(p, scale_by_keep, alpha, /*backward=*/false), rng, box);
   return {out, pair};
 }
 
 Tensor dropout_inplace_kernel(Tensor& input, double p, int64_t mask_ndim, bool scale_by_keep,
                               bool alpha, optional<int64_t> seed, optional<int64_t> offset,
-                              optional<at::Generator> generator) {
+                              optional<at::Generator> generator,
+                              at::OptionalIntArrayRef global_shape,
+                              at::OptionalIntArrayRef global_offset) {
   const RngSource rng{seed, offset, generator};
   const int64_t k = check_op(input, p, mask_ndim, rng, "dropout_");
+  const MaskBox box = check_box(input, k, global_shape, global_offset, "dropout_");
   check_inplace(input, "dropout_");
   return run_masked(input, std::nullopt, std::nullopt, input, k,
-                    make_affine(p, scale_by_keep, alpha, /*backward=*/false), rng);
+                    make_affine(p, scale_by_keep, alpha, /*backward=*/false), rng, box);
 }
 
 Tensor dropout_backward_kernel(const Tensor& grad, const Tensor& seed_offset, double p,
-                               int64_t mask_ndim, bool scale_by_keep, bool alpha) {
+                               int64_t mask_ndim, bool scale_by_keep, bool alpha,
+                               at::OptionalIntArrayRef global_shape,
+                               at::OptionalIntArrayRef global_offset) {
   RngSource rng;
   rng.pair = &seed_offset;
   const int64_t k = check_op(grad, p, mask_ndim, rng, "dropout_backward");
+  const MaskBox box = check_box(grad, k, global_shape, global_offset, "dropout_backward");
   Tensor out = at::empty_like(grad);
   run_masked(grad, std::nullopt, std::nullopt, out, k,
-             make_affine(p, scale_by_keep, alpha, /*backward=*/true), rng);
+             make_affine(p, scale_by_keep, alpha, /*backward=*/true), rng, box);
   return out;
 }
 
@@ -47,14 +56,18 @@ std::tuple<Tensor, Tensor> dropout_add_kernel(const Tensor& input, const Tensor&
                                               const optional<Tensor>& bias, double p,
                                               int64_t mask_ndim, bool scale_by_keep,
                                               optional<int64_t> seed, optional<int64_t> offset,
-                                              optional<at::Generator> generator) {
+                                              optional<at::Generator> generator,
+                                              at::OptionalIntArrayRef global_shape,
+                                              at::OptionalIntArrayRef global_offset) {
   const RngSource rng{seed, offset, generator};
   const int64_t k = check_op(input, p, mask_ndim, rng, "dropout_add");
   check_same(input, residual, "residual", "dropout_add");
   if (bias) check_bias(input, *bias, "dropout_add");
+  const MaskBox box = check_box(input, k, global_shape, global_offset, "dropout_add");
   Tensor out = at::empty_like(input);
-  Tensor pair = run_masked(input, residual, bias, out, k,
-                           make_affine(p, scale_by_keep, /*alpha=*/false, /*backward=*/false), rng);
+  Tensor pair =
+      run_masked(input, residual, bias, out, k,
+                 make_affine(p, scale_by_keep, /*alpha=*/false, /*backward=*/false), rng, box);
   return {out, pair};
 }
 

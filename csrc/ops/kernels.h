@@ -14,20 +14,27 @@ std::tuple<at::Tensor, at::Tensor> dropout_kernel(const at::Tensor& input, doubl
                                                   int64_t mask_ndim, bool scale_by_keep, bool alpha,
                                                   std::optional<int64_t> seed,
                                                   std::optional<int64_t> offset,
-                                                  std::optional<at::Generator> generator);
+                                                  std::optional<at::Generator> generator,
+                                                  at::OptionalIntArrayRef global_shape,
+                                                  at::OptionalIntArrayRef global_offset);
 
 at::Tensor dropout_inplace_kernel(at::Tensor& input, double p, int64_t mask_ndim,
                                   bool scale_by_keep, bool alpha, std::optional<int64_t> seed,
                                   std::optional<int64_t> offset,
-                                  std::optional<at::Generator> generator);
+                                  std::optional<at::Generator> generator,
+                                  at::OptionalIntArrayRef global_shape,
+                                  at::OptionalIntArrayRef global_offset);
 
 at::Tensor dropout_backward_kernel(const at::Tensor& grad, const at::Tensor& seed_offset, double p,
-                                   int64_t mask_ndim, bool scale_by_keep, bool alpha);
+                                   int64_t mask_ndim, bool scale_by_keep, bool alpha,
+                                   at::OptionalIntArrayRef global_shape,
+                                   at::OptionalIntArrayRef global_offset);
 
 std::tuple<at::Tensor, at::Tensor> dropout_add_kernel(
     const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& bias,
     double p, int64_t mask_ndim, bool scale_by_keep, std::optional<int64_t> seed,
-    std::optional<int64_t> offset, std::optional<at::Generator> generator);
+    std::optional<int64_t> offset, std::optional<at::Generator> generator,
+    at::OptionalIntArrayRef global_shape, at::OptionalIntArrayRef global_offset);
 
 // The fused dropout + residual add + norm (ops/fused_norm.cpp): y, h (empty unless keep_h),
 // mean (empty for RMSNorm), rstd (per row, in the compute type) and the pair used.

@@ -76,7 +76,7 @@ void launch(const MaskedOpArgs& args, const Tensor& input, const RngSource& rng,
 
 Tensor run_masked(const Tensor& input, const optional<Tensor>& residual,
                   const optional<Tensor>& bias, Tensor& out, int64_t k, const MaskedAffine& affine,
-                  const RngSource& rng) {
+                  const RngSource& rng, const MaskBox& box) {
   const bool draw = !affine.keep_all && input.numel() > 0;
   const optional<MaskMap> direct = direct_map(input, residual, bias.has_value(), k);
 
@@ -93,6 +93,10 @@ Tensor run_masked(const Tensor& input, const optional<Tensor>& residual,
     o = at::empty(input.sizes(), input.options());
     args.map = contiguous_map(x, k);
   }
+  args.map.boxed = box.boxed;
+  args.map.base = box.base;
+  args.map.seg = box.seg;
+  args.map.seg_stride = box.seg_stride;
   if (bias) {
     b = bias->contiguous();
     args.bias = b.const_data_ptr();

@@ -17,6 +17,8 @@ struct HostOp {
   void* out;
   int64_t numel, bias_len;
   int64_t run, stride, period, mask_numel;  // MaskMap
+  int boxed;
+  int64_t base, seg, seg_stride;  // MaskMap's box
   double p;
   int scale_by_keep, alpha, backward;
   // The Philox state: (seed, offset) as given, or graph-captured (read through pointers).
@@ -58,6 +60,10 @@ extern "C" __attribute__((visibility("default"))) int fdh_masked_op(HostOp* op, 
   args.map.stride = op->stride;
   args.map.period = op->period;
   args.map.mask_numel = op->mask_numel;
+  args.map.boxed = op->boxed != 0;
+  args.map.base = op->base;
+  args.map.seg = op->seg;
+  args.map.seg_stride = op->seg_stride;
   args.affine = make_affine(op->p, op->scale_by_keep, op->alpha, op->backward);
   const at::PhiloxCudaState philox =
       op->captured ? at::PhiloxCudaState(op->seed_ptr, op->offset_ptr, op->offset_intragraph)

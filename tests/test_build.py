@@ -641,7 +641,7 @@ def test_sources_edited_during_the_build_are_never_cached(tmp_path):
     )
     code = DRIVER.replace("t0 = time.perf_counter()", edit + "t0 = time.perf_counter()")
     r = subprocess.run(
-        [sys.executable, "-c", code, str(LOADER_DIR), str(src)],
+        [sys.executable, "-c", code, *driver_cmd(src)[3:]],
         env=env,
         capture_output=True,
         text=True,

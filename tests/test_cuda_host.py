@@ -434,8 +434,8 @@ MUTATIONS = (
     cuda_host.Mutation(
         "grid of every variant sized by the dropout kernel's occupancy",
         KERNEL,
-        "resident_blocks<kernel>()",
-        "resident_blocks<masked_kernel<D, true, false, false, false>>()",
+        "launch::grid_for<kernel, kThreads>",
+        "launch::grid_for<masked_kernel<D, true, false, false, false>, kThreads>",
     ),
     cuda_host.Mutation(
         "pair_in ignored",

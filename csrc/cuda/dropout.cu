@@ -18,9 +18,12 @@
 #include <algorithm>
 
 #include "cuda/dropout.h"
+#include "cuda/launch.h"
 
 namespace fused_dropout {
 namespace {
+
+using launch::aligned16;
 
 constexpr int kThreads = 256;
 // Blocks of kThreads each multiprocessor must hold at once (registers permitting): 4,
@@ -346,52 +349,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<D, kElementwise, kBias>)
   }
 }
 
-// Multiprocessors of the current device, queried once per device.
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static int counts[kMaxDevices] = {};
-  int device = 0;
-  cudaGetDevice(&device);
-  if (device < 0 || device >= kMaxDevices) return 1;
-  if (counts[device] == 0) {
-    int count = 0;
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    counts[device] = std::max(count, 1);
-  }
-  return counts[device];
-}
-
-bool aligned16(const void* ptr) {
-  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-}
-
-// Blocks of `Kernel` resident per multiprocessor at its register count, queried once per
-// device: the grid fills the device and no more. One cache per kernel (a template on the
-// kernel itself, not on its type, which all variants of a dtype share), as each variant
-// has its own register count.
-template <auto Kernel>
-int resident_blocks() {
-  constexpr int kMaxDevices = 64;
-  static int blocks[kMaxDevices] = {};
-  int device = 0;
-  cudaGetDevice(&device);
-  if (device < 0 || device >= kMaxDevices) return 1;
-  if (blocks[device] == 0) {
-    int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, 0);
-    blocks[device] = std::max(n, 1);
-  }
-  return blocks[device];
-}
-
 template <DType D, bool kElementwise, bool kResidual, bool kBias, bool kShift>
 void launch_variant(const Params<D>& p, cudaStream_t stream) {
   constexpr auto kernel = masked_kernel<D, kElementwise, kResidual, kBias, kShift>;
   const int64_t tiles = (p.numel + kTile<D> - 1) / kTile<D>;
-  const int64_t wanted = (tiles + kThreads - 1) / kThreads;
-  const int64_t full = int64_t(sm_count()) * resident_blocks<kernel>();
-  // At least one block: for an empty tensor it still writes the pair.
-  kernel<<<static_cast<int>(std::clamp<int64_t>(wanted, 1, full)), kThreads, 0, stream>>>(p);
+  kernel<<<launch::grid_for<kernel, kThreads>(tiles, kThreads), kThreads, 0, stream>>>(p);
 }
 
 template <DType D>

@@ -29,12 +29,14 @@
 #include <cuda_fp16.h>
 
 #include <ATen/cuda/PhiloxUtils.cuh>
-#include <algorithm>
 
+#include "cuda/launch.h"
 #include "cuda/norm.h"
 
 namespace fused_dropout {
 namespace {
+
+using launch::aligned16;
 
 constexpr int kWarps = 8;                  // warps of a block
 constexpr int kThreads = kWarps * kLanes;  // 256
@@ -602,51 +604,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Multiprocessors of the current device, queried once per device.
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static int counts[kMaxDevices] = {};
-  int device = 0;
-  cudaGetDevice(&device);
-  if (device < 0 || device >= kMaxDevices) return 1;
-  if (counts[device] == 0) {
-    int count = 0;
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    counts[device] = std::max(count, 1);
-  }
-  return counts[device];
-}
-
-// Blocks of `Kernel` resident per multiprocessor, queried once per device and kernel variant
-// (a template on the kernel itself: each variant has its own register count).
-template <auto Kernel>
-int resident_blocks() {
-  constexpr int kMaxDevices = 64;
-  static int blocks[kMaxDevices] = {};
-  int device = 0;
-  cudaGetDevice(&device);
-  if (device < 0 || device >= kMaxDevices) return 1;
-  if (blocks[device] == 0) {
-    int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, 0);
-    blocks[device] = std::max(n, 1);
-  }
-  return blocks[device];
-}
-
-// Blocks for `work` items of which a block takes `per_block` at a time: at least one (it
-// writes the pair), at most what the device holds at once (the kernels stride).
-template <auto Kernel>
-int grid_for(int64_t work, int64_t per_block) {
-  const int64_t wanted = (work + per_block - 1) / per_block;
-  const int64_t full = int64_t(sm_count()) * resident_blocks<Kernel>();
-  return static_cast<int>(std::clamp<int64_t>(wanted, 1, full));
-}
-
-bool aligned16(const void* ptr) {
-  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-}
-
 // Every row of `cols` elements of `size` bytes starts 16-byte aligned at `ptr`.
 bool rows_aligned(const void* ptr, int64_t cols, size_t size) {
   return aligned16(ptr) && (cols * int64_t(size)) % 16 == 0;
@@ -675,10 +632,10 @@ cudaError_t forward_typed(const NormForwardArgs& a, at::PhiloxCudaState philox, 
   const int64_t rows_per_block = kWarps / p.groups;
   if (a.cols <= int64_t(p.groups) * kStripe * kCache) {
     constexpr auto kernel = norm_forward_kernel<D, kWide, kRms, kCache>;
-    kernel<<<grid_for<kernel>(a.rows, rows_per_block), block, 0, stream>>>(p);
+    kernel<<<launch::grid_for<kernel, kThreads>(a.rows, rows_per_block), block, 0, stream>>>(p);
   } else {
     constexpr auto kernel = norm_forward_kernel<D, kWide, kRms, 0>;
-    kernel<<<grid_for<kernel>(a.rows, rows_per_block), block, 0, stream>>>(p);
+    kernel<<<launch::grid_for<kernel, kThreads>(a.rows, rows_per_block), block, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
@@ -752,10 +709,10 @@ struct Backward {
     t.cols = a.cols;
     p.pair_in = pair_in;
     constexpr auto kernel = norm_backward_kernel<D, kWide, kRms>;
-    kernel<<<grid_for<kernel>(blocks, 1), dim3(kLanes, kWarps), 0, stream>>>(p);
+    kernel<<<launch::grid_for<kernel, kThreads>(blocks, 1), dim3(kLanes, kWarps), 0, stream>>>(p);
     if (t.out[0] != nullptr || t.out[1] != nullptr || t.out[2] != nullptr) {
       constexpr auto totals = strided_column_totals_kernel<acc>;
-      totals<<<grid_for<totals>(3 * a.cols, kThreads), kThreads, 0, stream>>>(t);
+      totals<<<launch::grid_for<totals, kThreads>(3 * a.cols, kThreads), kThreads, 0, stream>>>(t);
     }
     return cudaGetLastError();
   }

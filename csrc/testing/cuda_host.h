@@ -477,4 +477,29 @@ std::string catch_faults(F&& f) {
   sigaction(SIGILL, &old_ill, nullptr);
   return error;
 }
+
+// One call of a C entry point (testing/*_host.cpp): `op`'s geometry set, the launch log reset,
+// `launcher` (returning a cudaError_t) run with faults caught, the launches it made written
+// back to `op`, and any error into `error`. Returns 0, or 1 with an error.
+template <typename Op, typename F>
+int run_entry(Op* op, const char* name, F&& launcher, char* error, int error_size) {
+  host_config().sm_count = op->sm_count;
+  host_config().grid_x = op->grid_x;
+  host_config().first_block = op->first_block;
+  host_config().block_count = op->block_count;
+  LaunchLog& log = launch_log();
+  log = {};
+  cudaError_t status = cudaSuccess;
+  std::string text = catch_faults([&] { status = launcher(); });
+  op->launches = log.launches;
+  op->grid[0] = log.grid.x, op->grid[1] = log.grid.y, op->grid[2] = log.grid.z;
+  op->block[0] = log.block.x, op->block[1] = log.block.y, op->block[2] = log.block.z;
+  if (text.empty()) text = log.error;
+  if (text.empty() && status != cudaSuccess) {
+    text = std::string(name) + " returned cudaError " + std::to_string(static_cast<int>(status));
+  }
+  if (text.empty()) return 0;
+  std::snprintf(error, error_size, "%s", text.c_str());
+  return 1;
+}
 }  // namespace cuda_host

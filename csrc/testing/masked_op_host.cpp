@@ -1,9 +1,6 @@
 // C entry points of the host-executed CUDA build (tests/cuda_host.py loads them with ctypes):
 // one masked op through the real launcher, masked_op_cuda, under a chosen launch geometry.
 // Like every TU of that build, it is compiled with testing/cuda_host.h force-included.
-#include <cstdio>
-#include <string>
-
 #include "cuda/dropout.h"
 
 namespace {
@@ -37,12 +34,6 @@ struct HostOp {
   int resident_blocks;  // the model's occupancy for the kernel launched
 };
 
-int report(const std::string& error, char* buffer, int size) {
-  if (error.empty()) return 0;
-  std::snprintf(buffer, size, "%s", error.c_str());
-  return 1;
-}
-
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) int fdh_masked_op(HostOp* op, char* error,
@@ -69,22 +60,10 @@ extern "C" __attribute__((visibility("default"))) int fdh_masked_op(HostOp* op, 
       op->captured ? at::PhiloxCudaState(op->seed_ptr, op->offset_ptr, op->offset_intragraph)
                    : at::PhiloxCudaState(op->seed, op->offset);
 
-  cuda_host::host_config().sm_count = op->sm_count;
-  cuda_host::host_config().grid_x = op->grid_x;
-  cuda_host::host_config().first_block = op->first_block;
-  cuda_host::host_config().block_count = op->block_count;
-  cuda_host::LaunchLog& log = cuda_host::launch_log();
-  log = {};
-  cudaError_t status = cudaSuccess;
-  std::string error_text = cuda_host::catch_faults(
-      [&] { status = masked_op_cuda(args, philox, op->pair_in, op->pair_out, nullptr); });
-  op->launches = log.launches;
-  op->grid[0] = log.grid.x, op->grid[1] = log.grid.y, op->grid[2] = log.grid.z;
-  op->block[0] = log.block.x, op->block[1] = log.block.y, op->block[2] = log.block.z;
-  op->resident_blocks = log.resident_blocks;
-  if (error_text.empty()) error_text = log.error;
-  if (error_text.empty() && status != cudaSuccess) {
-    error_text = "masked_op_cuda returned cudaError " + std::to_string(static_cast<int>(status));
-  }
-  return report(error_text, error, error_size);
+  const int failed = cuda_host::run_entry(
+      op, "masked_op_cuda",
+      [&] { return masked_op_cuda(args, philox, op->pair_in, op->pair_out, nullptr); }, error,
+      error_size);
+  op->resident_blocks = cuda_host::launch_log().resident_blocks;
+  return failed;
 }

@@ -2,9 +2,6 @@
 // (tests/cuda_host.py loads it with ctypes): one forward or backward call through the real
 // launchers, norm_forward_cuda / norm_backward_cuda, under a chosen launch geometry.
 // Like every TU of that build, it is compiled with testing/cuda_host.h force-included.
-#include <cstdio>
-#include <string>
-
 #include "cuda/norm.h"
 
 namespace {
@@ -48,14 +45,6 @@ struct HostNorm {
 extern "C" __attribute__((visibility("default"))) int fdh_norm(HostNorm* op, char* error,
                                                                int error_size) {
   using namespace fused_dropout;
-  cuda_host::host_config().sm_count = op->sm_count;
-  cuda_host::host_config().grid_x = op->grid_x;
-  cuda_host::host_config().first_block = op->first_block;
-  cuda_host::host_config().block_count = op->block_count;
-  cuda_host::LaunchLog& log = cuda_host::launch_log();
-  log = {};
-  cudaError_t status = cudaSuccess;
-  std::string text;
   if (op->backward) {
     NormBackwardArgs a;
     a.dtype = static_cast<DType>(op->dtype);
@@ -67,29 +56,21 @@ extern "C" __attribute__((visibility("default"))) int fdh_norm(HostNorm* op, cha
     a.partials = op->partials;
     a.rows = op->rows, a.cols = op->cols, a.rows_per_sample = op->rows_per_sample;
     a.affine = make_affine(op->p, true, false, true);
-    text = cuda_host::catch_faults([&] { status = norm_backward_cuda(a, op->pair_in, nullptr); });
-  } else {
-    NormForwardArgs a;
-    a.dtype = static_cast<DType>(op->dtype);
-    a.wide_h = op->wide_h, a.weight_fp32 = op->weight_fp32, a.rms = op->rms;
-    a.input = op->input, a.residual = op->residual, a.input_bias = op->input_bias;
-    a.weight = op->weight, a.bias = op->bias;
-    a.y = op->y, a.h = op->h, a.mean = op->mean, a.rstd = op->rstd;
-    a.rows = op->rows, a.cols = op->cols, a.rows_per_sample = op->rows_per_sample;
-    a.eps = op->eps;
-    a.affine = make_affine(op->p, true, false, false);
-    const at::PhiloxCudaState philox(op->seed, op->offset);
-    text = cuda_host::catch_faults(
-        [&] { status = norm_forward_cuda(a, philox, op->pair_out, nullptr); });
+    return cuda_host::run_entry(
+        op, "norm_backward_cuda", [&] { return norm_backward_cuda(a, op->pair_in, nullptr); },
+        error, error_size);
   }
-  op->launches = log.launches;
-  op->grid[0] = log.grid.x, op->grid[1] = log.grid.y, op->grid[2] = log.grid.z;
-  op->block[0] = log.block.x, op->block[1] = log.block.y, op->block[2] = log.block.z;
-  if (text.empty()) text = log.error;
-  if (text.empty() && status != cudaSuccess) {
-    text = "norm launcher returned cudaError " + std::to_string(static_cast<int>(status));
-  }
-  if (text.empty()) return 0;
-  std::snprintf(error, error_size, "%s", text.c_str());
-  return 1;
+  NormForwardArgs a;
+  a.dtype = static_cast<DType>(op->dtype);
+  a.wide_h = op->wide_h, a.weight_fp32 = op->weight_fp32, a.rms = op->rms;
+  a.input = op->input, a.residual = op->residual, a.input_bias = op->input_bias;
+  a.weight = op->weight, a.bias = op->bias;
+  a.y = op->y, a.h = op->h, a.mean = op->mean, a.rstd = op->rstd;
+  a.rows = op->rows, a.cols = op->cols, a.rows_per_sample = op->rows_per_sample;
+  a.eps = op->eps;
+  a.affine = make_affine(op->p, true, false, false);
+  const at::PhiloxCudaState philox(op->seed, op->offset);
+  return cuda_host::run_entry(
+      op, "norm_forward_cuda", [&] { return norm_forward_cuda(a, philox, op->pair_out, nullptr); },
+      error, error_size);
 }

@@ -262,7 +262,7 @@ def test_skip_dropped_training_steps_never_hang(ranks, how):
     assert len({len(r) for r in rows}) == 1 and len(rows[0]) == STEPS * 3, rows
     mixed = [i for i, call in enumerate(zip(*rows)) if min(call) == 0 < max(call)]
     assert mixed, f"no call where one rank kept no sample and another kept some: {rows}"
-    assert all(got[how]["none_kept"] > 0 for got in ranks[:2]), "seeds that keep none on both"
+    assert all(got[how]["none_kept"] for got in ranks[:2]), "ranks 0 and 1 each kept none once"
     want = _emulate(world)
     for r, got in enumerate(ranks):
         for step, (loss, ref) in enumerate(zip(got[how]["losses"], want["losses"][r])):

@@ -237,6 +237,16 @@ def ranks(request, tmp_path_factory) -> list[dict]:
 # ---------------------------------------------------------------- the checks
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The one-process references run on one thread, as the ranks do: tiny tensors, and on a
+    busy 2-core machine two threads made the emulation 40x slower (5 s instead of 0.14 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _bitwise(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape, what
     assert torch.equal(got.view(torch.int64), want.contiguous().view(torch.int64)), what

@@ -13,7 +13,10 @@ hang fails fast):
   process emulating the ranks (each rank's generator in turn, gradients averaged) within
   1e-10 of their scale (float64; the all-reduce sums in another order).
 - ``drop_path_residual`` inside ``batch_sharded``: each rank keeps exactly its rows of the
-  one-process decisions for the global batch ("sample" and "subset"), outputs bit for bit.
+  one-process decisions for the global batch ("sample" and "subset"), outputs bit for bit;
+  and the converted ViT under DDP inside ``batch_sharded`` (every rank seeded alike) skips,
+  summed over the ranks, exactly the samples one process skips on the global batch, with its
+  outputs and parameters within 1e-10.
 - ``batch_sharded`` under FSDP2 (``test_distributed``'s batch-invariant block), with and
   without activation checkpointing: dropout masks and outputs bit for bit against one process
   on the global batch, gradients within 1e-12 of their scale (float64, reordered sums).
@@ -151,6 +154,41 @@ def _emulate(world: int) -> dict:
     return {"params": dict(model.named_parameters()), "losses": losses}
 
 
+def _sharded_steps(model: nn.Module, rank: int | None) -> dict:
+    """STEPS SGD steps inside batch_sharded (a rank) or on the global batch (one process),
+    every rank seeded SEED: the outputs and the samples skipped in each step."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    world = _world() if rank is not None else WORLD_REF[0]
+    torch.manual_seed(SEED)
+    outs, skipped = [], []
+    for step in range(STEPS):
+        x = _vit_inputs(step, world, rank)
+        with skip.count_skipped() as counts:
+            if rank is None:
+                out = model(x)
+            else:
+                with distributed.batch_sharded(batch_size=VIT_BATCH):
+                    out = model(x)
+        out.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        outs.append(out.detach())
+        skipped.append(counts.skipped)
+    return {"outs": outs, "skipped": skipped}
+
+
+WORLD_REF = [0]  # the world size the one-process reference emulates
+
+
+def _scenario_skip_sharded_ddp(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(_vit())
+    got = _sharded_steps(model, rank)
+    got["params"] = {n.removeprefix("module."): p.detach() for n, p in model.named_parameters()}
+    return got
+
+
 # ---------------------------------------------------------------- decisions of the global batch
 
 DECISION_CASES = [("sample", 0.5), ("sample", 0.8), ("subset", 0.5), ("subset", 0.8)]
@@ -222,6 +260,7 @@ def _scenario_fsdp_block(rank: int) -> dict:
 SCENARIOS = {
     "skip_ddp": _scenario_skip_ddp,
     "skip_fsdp": _scenario_skip_fsdp,
+    "skip_sharded_ddp": _scenario_skip_sharded_ddp,
     "decisions": _scenario_sharded_decisions,
     "fsdp_block": _scenario_fsdp_block,
 }
@@ -282,6 +321,26 @@ def test_skip_dropped_training_steps_never_hang(ranks, how):
     # the steps moved the parameters (the comparison can fail)
     init = dict(_vit().named_parameters())
     assert any(not torch.equal(init[n], p) for n, p in want["params"].items())
+
+
+def test_skip_dropped_ddp_in_batch_sharded_is_one_process(ranks):
+    """A converted ViT under DDP inside batch_sharded, every rank seeded alike: the ranks
+    together skip exactly the samples one process skips on the global batch in each step,
+    their outputs are that process's rows and their parameters after STEPS steps its
+    parameters, within 1e-10 of their scale (float64; the CPU matmul is not batch-invariant
+    and the all-reduce reorders the sum: a different decision would differ by O(1))."""
+    world = len(ranks)
+    WORLD_REF[0] = world
+    model = _vit()
+    want = _sharded_steps(model, None)
+    skipped = [sum(got["skip_sharded_ddp"]["skipped"][s] for got in ranks) for s in range(STEPS)]
+    assert skipped == want["skipped"] and 0 < sum(skipped) < STEPS * 3 * world * VIT_BATCH
+    for r, got in enumerate(ranks):
+        got = got["skip_sharded_ddp"]
+        for step, (out, ref) in enumerate(zip(got["outs"], want["outs"])):
+            _close(out, _rows(ref, r, VIT_BATCH), 1e-10, f"rank {r}'s output at step {step}")
+        for name, p in model.named_parameters():
+            _close(got["params"][name], p.detach(), 1e-10, f"rank {r}'s {name}")
 
 
 @pytest.mark.parametrize(("mode", "p"), DECISION_CASES)

@@ -184,8 +184,11 @@ def _decide(
     generator: torch.Generator | None,
     seed_offset: tuple[int, int] | None,
 ) -> tuple[Tensor | None, int, float]:
-    """(indices on x's device, or None when every sample is kept; how many; scale). Inside
-    ``batch_sharded``: this rank's rows of the global batch's decisions."""
+    """(indices on x's device, or None when every sample is kept or when none is and the
+    branch is to be skipped; how many; scale). Inside ``batch_sharded``: this rank's rows of
+    the global batch's decisions. None kept, with collectives (:func:`_collectives`): an
+    empty index, so that the branch runs on zero rows (decided here, behind the graph break,
+    so that compiled code does not query torch.distributed)."""
     batch = x.shape[0]
     if seed_offset is None:
         seed_offset = _draw_seed_offset(x.device, generator)
@@ -200,7 +203,7 @@ def _decide(
         idx = idx[(idx >= start) & (idx < start + batch)] - start
     k = idx.numel()
     _record(batch, k)
-    if k == batch:
+    if k == batch or (k == 0 and not _collectives()):
         return None, k, scale
     if x.device.type != "cpu":
         # pinned, so that the copy does not block; the caching host allocator keeps the buffer
@@ -276,7 +279,7 @@ def drop_path_residual(
         # compiled first): the wrapper is made here, itself a graph break.
         decide = _decide_uncompiled or _compat.compiler_disable(_decide, _NOT_COMPILED)
     idx, k, scale = decide(x, p, mode, scale_by_keep, generator, seed_offset)
-    if k == 0 and not _collectives():
+    if k == 0 and idx is None:
         return x.clone()
     x_kept = x if idx is None else x.index_select(0, idx)
     out = branch(x_kept)

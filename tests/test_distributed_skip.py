@@ -14,7 +14,7 @@ hang fails fast):
   1e-10 of their scale (float64; the all-reduce sums in another order).
 - ``drop_path_residual`` inside ``batch_sharded``: each rank keeps exactly its rows of the
   one-process decisions for the global batch ("sample" and "subset"), outputs bit for bit;
-  and the converted ViT under DDP inside ``batch_sharded`` (every rank seeded alike) skips,
+  and the converted ViT under DDP and FSDP2 inside ``batch_sharded`` (seeded alike) skips,
   summed over the ranks, exactly the samples one process skips on the global batch, with its
   outputs and parameters within 1e-10.
 - ``batch_sharded`` under FSDP2 (``test_distributed``'s batch-invariant block), with and
@@ -111,7 +111,7 @@ def _scenario_skip_ddp(rank: int) -> dict:
 def _scenario_skip_fsdp(rank: int) -> dict:
     fully_shard, why = _fully_shard()
     if fully_shard is None:
-        return {"skipped": why}
+        return {"skip_reason": why}
     model = _vit()
     for block in model.blocks:
         fully_shard(block.attn)
@@ -189,6 +189,21 @@ def _scenario_skip_sharded_ddp(rank: int) -> dict:
     return got
 
 
+def _scenario_skip_sharded_fsdp(rank: int) -> dict:
+    fully_shard, why = _fully_shard()
+    if fully_shard is None:
+        return {"skip_reason": why}
+    model = _vit()
+    for block in model.blocks:
+        fully_shard(block.attn)
+        fully_shard(block.mlp)
+        fully_shard(block)
+    fully_shard(model)
+    got = _sharded_steps(model, rank)
+    got["params"] = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+    return got
+
+
 # ---------------------------------------------------------------- decisions of the global batch
 
 DECISION_CASES = [("sample", 0.5), ("sample", 0.8), ("subset", 0.5), ("subset", 0.8)]
@@ -244,7 +259,7 @@ def _run_block(model: nn.Module, x, up, checkpointed: bool, rank: int | None) ->
 def _scenario_fsdp_block(rank: int) -> dict:
     fully_shard, why = _fully_shard()
     if fully_shard is None:
-        return {"skipped": why}
+        return {"skip_reason": why}
     out = {}
     for checkpointed in (False, True):
         model = _model()
@@ -261,6 +276,7 @@ SCENARIOS = {
     "skip_ddp": _scenario_skip_ddp,
     "skip_fsdp": _scenario_skip_fsdp,
     "skip_sharded_ddp": _scenario_skip_sharded_ddp,
+    "skip_sharded_fsdp": _scenario_skip_sharded_fsdp,
     "decisions": _scenario_sharded_decisions,
     "fsdp_block": _scenario_fsdp_block,
 }
@@ -305,8 +321,8 @@ def test_skip_dropped_training_steps_never_hang(ranks, how):
     steps are those of one process emulating the ranks, within 1e-10 of their scale (float64;
     the all-reduce or reduce-scatter sums the ranks' gradients in another order)."""
     world = len(ranks)
-    if "skipped" in ranks[0][how]:
-        pytest.skip(ranks[0][how]["skipped"])
+    if "skip_reason" in ranks[0][how]:
+        pytest.skip(ranks[0][how]["skip_reason"])
     rows = [got[how]["rows"] for got in ranks]
     assert len({len(r) for r in rows}) == 1 and len(rows[0]) == STEPS * 3, rows
     mixed = [i for i, call in enumerate(zip(*rows)) if min(call) == 0 < max(call)]
@@ -323,20 +339,24 @@ def test_skip_dropped_training_steps_never_hang(ranks, how):
     assert any(not torch.equal(init[n], p) for n, p in want["params"].items())
 
 
-def test_skip_dropped_ddp_in_batch_sharded_is_one_process(ranks):
-    """A converted ViT under DDP inside batch_sharded, every rank seeded alike: the ranks
+@pytest.mark.parametrize("how", ["skip_sharded_ddp", "skip_sharded_fsdp"])
+def test_skip_dropped_in_batch_sharded_is_one_process(ranks, how):
+    """A converted ViT under DDP or FSDP2 inside batch_sharded, every rank seeded alike: the
+    ranks
     together skip exactly the samples one process skips on the global batch in each step,
     their outputs are that process's rows and their parameters after STEPS steps its
     parameters, within 1e-10 of their scale (float64; the CPU matmul is not batch-invariant
     and the all-reduce reorders the sum: a different decision would differ by O(1))."""
     world = len(ranks)
+    if "skip_reason" in ranks[0][how]:
+        pytest.skip(ranks[0][how]["skip_reason"])
     WORLD_REF[0] = world
     model = _vit()
     want = _sharded_steps(model, None)
-    skipped = [sum(got["skip_sharded_ddp"]["skipped"][s] for got in ranks) for s in range(STEPS)]
+    skipped = [sum(got[how]["skipped"][s] for got in ranks) for s in range(STEPS)]
     assert skipped == want["skipped"] and 0 < sum(skipped) < STEPS * 3 * world * VIT_BATCH
     for r, got in enumerate(ranks):
-        got = got["skip_sharded_ddp"]
+        got = got[how]
         for step, (out, ref) in enumerate(zip(got["outs"], want["outs"])):
             _close(out, _rows(ref, r, VIT_BATCH), 1e-10, f"rank {r}'s output at step {step}")
         for name, p in model.named_parameters():
@@ -391,8 +411,8 @@ def test_batch_sharded_under_fsdp2_is_one_process(ranks, checkpointed):
     reduce-scatter reorders the sum). With checkpointing the recomputation draws the same
     masks again."""
     world = len(ranks)
-    if "skipped" in ranks[0]["fsdp_block"]:
-        pytest.skip(ranks[0]["fsdp_block"]["skipped"])
+    if "skip_reason" in ranks[0]["fsdp_block"]:
+        pytest.skip(ranks[0]["fsdp_block"]["skip_reason"])
     model = _model()
     x, up = _block_inputs(world, None)
     want = _run_block(model, x, up, False, None)

@@ -6,7 +6,8 @@ hang fails fast):
 
 - skip_dropped training steps of a small timm ViT (attention, MLP, LayerScale; drop-path rates
   0, 0.4, 0.8) under DDP and under FSDP2 (``fully_shard`` on each block's attention and MLP,
-  each block and the root: the sharded modules a rank skips are exactly what used to hang),
+  each block and the root: the sharded modules a rank skips are exactly what used to hang;
+  also with timm's activation checkpointing of the blocks),
   each rank seeded differently (its own decisions). The test asserts that some rank kept no
   sample in a call where another kept some, that every rank called every sharded module
   (zero rows where it kept none), and that the parameters after the steps are those of one
@@ -108,11 +109,14 @@ def _scenario_skip_ddp(rank: int) -> dict:
     return _train(DDP(_vit()), rank, params)
 
 
-def _scenario_skip_fsdp(rank: int) -> dict:
+def _scenario_skip_fsdp(rank: int, checkpointed: bool = False) -> dict:
     fully_shard, why = _fully_shard()
     if fully_shard is None:
         return {"skip_reason": why}
     model = _vit()
+    # timm's activation checkpointing of the blocks: the recomputation redraws the same
+    # decisions (the RNG state is restored), so the zero-row calls recur identically
+    model.set_grad_checkpointing(checkpointed)
     for block in model.blocks:
         fully_shard(block.attn)
         fully_shard(block.mlp)
@@ -123,6 +127,10 @@ def _scenario_skip_fsdp(rank: int) -> dict:
         return {n: p.full_tensor().detach() for n, p in model.named_parameters()}
 
     return _train(model, rank, params)
+
+
+def _scenario_skip_fsdp_checkpoint(rank: int) -> dict:
+    return _scenario_skip_fsdp(rank, checkpointed=True)
 
 
 def _emulate(world: int) -> dict:
@@ -275,6 +283,7 @@ def _scenario_fsdp_block(rank: int) -> dict:
 SCENARIOS = {
     "skip_ddp": _scenario_skip_ddp,
     "skip_fsdp": _scenario_skip_fsdp,
+    "skip_fsdp_checkpoint": _scenario_skip_fsdp_checkpoint,
     "skip_sharded_ddp": _scenario_skip_sharded_ddp,
     "skip_sharded_fsdp": _scenario_skip_sharded_fsdp,
     "decisions": _scenario_sharded_decisions,
@@ -313,7 +322,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, bound: float, what: str) -> No
     assert err <= bound * scale, f"{what}: differs by {err} (scale {scale})"
 
 
-@pytest.mark.parametrize("how", ["skip_ddp", "skip_fsdp"])
+@pytest.mark.parametrize("how", ["skip_ddp", "skip_fsdp", "skip_fsdp_checkpoint"])
 def test_skip_dropped_training_steps_never_hang(ranks, how):
     """Every rank finished (the spawn's timeout catches a hang), called every attention module
     in the same order (zero rows where it kept none), some rank kept no sample in a call where
@@ -324,7 +333,8 @@ def test_skip_dropped_training_steps_never_hang(ranks, how):
     if "skip_reason" in ranks[0][how]:
         pytest.skip(ranks[0][how]["skip_reason"])
     rows = [got[how]["rows"] for got in ranks]
-    assert len({len(r) for r in rows}) == 1 and len(rows[0]) == STEPS * 3, rows
+    calls = STEPS * 3 * (2 if how.endswith("checkpoint") else 1)  # recomputed in backward
+    assert len({len(r) for r in rows}) == 1 and len(rows[0]) == calls, rows
     mixed = [i for i, call in enumerate(zip(*rows)) if min(call) == 0 < max(call)]
     assert mixed, f"no call where one rank kept no sample and another kept some: {rows}"
     assert all(got[how]["none_kept"] for got in ranks[:2]), "ranks 0 and 1 each kept none once"

@@ -15,8 +15,16 @@ one ``s``) and runs the same ops; :func:`check_same_seed` checks it (one all_gat
 
 DTensor: ``dropout`` (not yet the other ops) takes DTensor inputs, see :func:`enable_dtensor`.
 
-Not covered (yet): DTensor inputs of the other ops, tensor/sequence parallel, FSDP2 with
-``convert(skip_dropped=True)`` (``drop_path_residual``), the fused norms
+FSDP2 (``fully_shard``) works as DDP does: the box depends only on the activations' rows
+(tested on 2 and 4 gloo ranks against one process, with and without non-reentrant activation
+checkpointing whose backward runs inside the block).
+
+``convert(model, skip_dropped=True)`` (``skip.drop_path_residual``) under DDP and FSDP2: a rank
+that keeps no sample of a block still runs the branch, on zero rows, so its all-gathers and
+gradient reductions match the other ranks' (zero gradients for that branch's parameters);
+inside ``batch_sharded`` its decisions are the global batch's, at this rank's rows.
+
+Not covered (yet): DTensor inputs of the other ops, tensor/sequence parallel, the fused norms
 (``dropout_add_norm``), TorchScript-compiled modules (they run the ops without the box), and
 activation checkpointing whose recomputation runs outside the block.
 """

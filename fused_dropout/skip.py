@@ -6,6 +6,12 @@ the CPU by the library's own kernel before the branch runs: a mask is a pure fun
 ``(seed, offset, p, batch size)``, so no device sync is needed, and a change of the contract
 carries over here unchanged. ``convert(model, skip_dropped=True)`` rewires the residual blocks it
 knows (see ``fused_dropout.blocks``) to call it.
+
+Distributed: inside ``distributed.batch_sharded`` the decisions are those of the global batch
+(rank ``r`` takes its rows of the one-process decision vector). Where ``torch.distributed`` is
+initialized, a call that keeps no sample still runs the branch, on zero rows, so that every
+rank calls the same modules (FSDP2's all-gathers) and builds the same autograd graph (DDP's
+reduction, FSDP2's reduce-scatters): no rank waits for a collective that another skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fused_dropout import _compat, _impl, ops
+from fused_dropout import _compat, _impl, distributed, ops
 
 __all__ = ["DropPathResidual", "count_skipped", "drop_path_residual", "kept_samples"]
 
@@ -108,6 +114,8 @@ def kept_samples(
 class _Counts:
     samples: int = 0
     skipped: int = 0
+    calls: int = 0  # calls that drew decisions
+    none_kept: int = 0  # of those, the calls that kept no sample
 
 
 _counters: list[_Counts] = []
@@ -116,7 +124,8 @@ _counters: list[_Counts] = []
 @contextlib.contextmanager
 def count_skipped() -> Iterator[_Counts]:
     """Counts, inside the ``with`` block, the samples that ``drop_path_residual`` is given in
-    training with ``p > 0`` (``samples``) and those whose branch it skips (``skipped``)."""
+    training with ``p > 0`` (``samples``) and those whose branch it skips (``skipped``); the
+    calls that drew decisions (``calls``) and those that kept no sample (``none_kept``)."""
     counts = _Counts()
     _counters.append(counts)
     try:
@@ -129,6 +138,8 @@ def _record(batch: int, kept: int) -> None:
     for c in _counters:
         c.samples += batch
         c.skipped += batch - kept
+        c.calls += 1
+        c.none_kept += kept == 0
 
 
 # torch.compile graph-breaks at the host-side decision: _decide wrapped by torch.compiler.disable,
@@ -149,6 +160,22 @@ def _prepare_compile() -> None:
         _decide_uncompiled = _compat.compiler_disable(_decide, _NOT_COMPILED)
 
 
+def _global_rows(x: Tensor) -> tuple[int, int] | None:
+    """(global batch, first global row) of ``x``'s dim 0 inside ``distributed.batch_sharded``
+    (when it shards dim 0), else None."""
+    shape, offset = distributed.current_box(x)
+    if shape is None or shape[0] == x.shape[0]:
+        return None
+    return shape[0], offset[0]
+
+
+def _collectives() -> bool:
+    """Whether other processes may wait for this one's collectives: torch.distributed is
+    initialized with more than one rank."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _decide(
     x: Tensor,
     p: float,
@@ -157,21 +184,31 @@ def _decide(
     generator: torch.Generator | None,
     seed_offset: tuple[int, int] | None,
 ) -> tuple[Tensor | None, int, float]:
-    """(indices on x's device, or None when every sample is kept; how many; scale)."""
+    """(indices on x's device, or None when every sample is kept or when none is and the
+    branch is to be skipped; how many; scale). Inside ``batch_sharded``: this rank's rows of
+    the global batch's decisions. None kept, with collectives (:func:`_collectives`): an
+    empty index, so that the branch runs on zero rows (decided here, behind the graph break,
+    so that compiled code does not query torch.distributed)."""
     batch = x.shape[0]
     if seed_offset is None:
         seed_offset = _draw_seed_offset(x.device, generator)
     else:
         ops.split_seed_offset(seed_offset)  # validate
-    idx, scale = kept_samples(batch, p, mode, scale_by_keep, seed_offset=seed_offset)
+    rows = _global_rows(x)
+    if rows is None:
+        idx, scale = kept_samples(batch, p, mode, scale_by_keep, seed_offset=seed_offset)
+    else:
+        total, start = rows
+        idx, scale = kept_samples(total, p, mode, scale_by_keep, seed_offset=seed_offset)
+        idx = idx[(idx >= start) & (idx < start + batch)] - start
     k = idx.numel()
     _record(batch, k)
-    if k == batch:
+    if k == batch or (k == 0 and not _collectives()):
         return None, k, scale
-    if x.device.type != "cpu" and k:
+    if x.device.type != "cpu":
         # pinned, so that the copy does not block; the caching host allocator keeps the buffer
         # alive until the copy is done.
-        idx = idx.pin_memory().to(x.device, non_blocking=True)
+        idx = idx.to(x.device) if not k else idx.pin_memory().to(x.device, non_blocking=True)
     return idx, k, scale
 
 
@@ -212,8 +249,14 @@ def drop_path_residual(
     - The pair is ``seed_offset``, else drawn from ``generator`` (or the default generator of
       ``x``'s device) on the host, advancing it as one op call does. Decisions are made on the
       CPU; on CUDA the index tensor is sent from pinned memory without blocking.
-    - No sample kept (or ``p == 1``): ``branch`` is not called and a copy of ``x`` is returned.
-      Outside training (or ``p == 0``): ``x + branch(x)``, nothing drawn.
+    - No sample kept (or ``p == 1``): a copy of ``x`` is returned, and ``branch`` is not called,
+      unless ``torch.distributed`` is initialized (more than one rank): then ``branch`` runs on
+      zero rows, so that this rank's collectives (FSDP2's all-gather in forward, DDP's and
+      FSDP2's gradient reduction in backward, which then see zero gradients) match the ranks
+      that kept samples. Outside training (or ``p == 0``): ``x + branch(x)``, nothing drawn.
+    - Inside ``distributed.batch_sharded`` (batch along dim 0): the decisions of the global
+      batch, at this rank's rows (``"subset"``: the global subset's rows that are this rank's,
+      scaled by ``global batch / k``), so N ranks keep exactly one process's samples.
     - ``branch`` must be per-sample (no batch statistics such as BatchNorm's, which then see only
       the kept samples) and return ``x``'s shape.
     - torch.compile: graph-breaks at the host-side decision; ``"subset"`` keeps static shapes,
@@ -229,14 +272,14 @@ def drop_path_residual(
     if not training or p == 0.0:
         return x + branch(x)
     if x.numel() == 0:
-        return x.clone()
+        return x + branch(x) if _collectives() else x.clone()
     decide = _decide
     if torch.compiler.is_compiling():
         # Prepared: a graph break that names the alternative. Not (a bare functional call
         # compiled first): the wrapper is made here, itself a graph break.
         decide = _decide_uncompiled or _compat.compiler_disable(_decide, _NOT_COMPILED)
     idx, k, scale = decide(x, p, mode, scale_by_keep, generator, seed_offset)
-    if k == 0:
+    if k == 0 and idx is None:
         return x.clone()
     x_kept = x if idx is None else x.index_select(0, idx)
     out = branch(x_kept)

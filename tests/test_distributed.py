@@ -272,38 +272,43 @@ _SCENARIOS = {
 }
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(
+    rank: int, world: int, init_file: str, out_dir: str, scenarios: dict | None = None
+) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
     )
     try:
-        results = {name: run(rank) for name, run in _SCENARIOS.items()}
+        results = {name: run(rank) for name, run in (scenarios or _SCENARIOS).items()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _spawn(tmp: Path) -> list[dict]:
-    """Run every scenario on WORLD spawned ranks; kill them and fail after TIMEOUT_S."""
+def _spawn(
+    tmp: Path, world: int = WORLD, scenarios: dict | None = None, timeout_s: float = TIMEOUT_S
+) -> list[dict]:
+    """Run every scenario (``_SCENARIOS``, or ``scenarios``: name -> module-level function of
+    the rank) on ``world`` spawned ranks; kill them and fail after ``timeout_s``."""
     import torch.multiprocessing as mp
 
     ctx = mp.start_processes(
         _worker,
-        args=(WORLD, str(tmp / "rendezvous"), str(tmp)),
-        nprocs=WORLD,
+        args=(world, str(tmp / "rendezvous"), str(tmp), scenarios),
+        nprocs=world,
         join=False,
         start_method="spawn",
     )
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            pytest.fail(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s (a hang?)")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+            pytest.fail(f"the {world} ranks did not finish within {timeout_s} s (a hang?)")
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 @pytest.fixture(scope="module")

@@ -402,7 +402,8 @@ def _record(block: torch.nn.Module, calls: list) -> None:
         module = getattr(block, name)
 
         def pre(module, args, name=name):
-            calls.append([name, torch.get_rng_state(), [full(a) for a in args], None])
+            placements = [str(getattr(a, "placements", "plain")) for a in args]
+            calls.append([name, torch.get_rng_state(), [full(a) for a in args], None, placements])
 
         def post(module, args, out):
             calls[-1][3] = full(out)
@@ -663,8 +664,15 @@ def test_tensor_and_sequence_parallel_block(ranks, mode):
         calls = res["calls"]
         n = len(one["calls"])
         assert len(calls) == (2 * n if mode.endswith("ckpt") else n), [c[0] for c in calls]
-        for i, (name, state, inputs, output) in enumerate(calls):
-            want_name, want_state, _, _ = one["calls"][i % n]
+        seen = {c[0]: c[4] for c in calls}
+        # our ops saw DTensors, sharded where TP/SP shards them (heads, hidden, sequence)
+        assert seen["attn_drop"] == ["(Shard(dim=1),)"], seen
+        assert seen["mlp_drop"] == ["(Shard(dim=2),)"], seen
+        act = "(Shard(dim=1),)" if mode.startswith("sp") else "(Replicate(),)"
+        assert seen["bda"] == [act, "(Replicate(),)", act], seen
+        assert seen["drop_add"] == [act, act], seen
+        for i, (name, state, inputs, output, _) in enumerate(calls):
+            want_name, want_state = one["calls"][i % n][:2]
             assert name == want_name, (i, name, want_name)
             assert torch.equal(state, want_state), f"rank {r}: {name} drew another pair"
             module = getattr(replay, name)

@@ -13,7 +13,9 @@ The pair: every rank must draw the same ``(seed, offset)``. The default generato
 identically on every rank as long as every rank seeds it alike (``torch.manual_seed(s)`` with
 one ``s``) and runs the same ops; :func:`check_same_seed` checks it (one all_gather).
 
-DTensor: ``dropout`` (not yet the other ops) takes DTensor inputs, see :func:`enable_dtensor`.
+DTensor: every op takes DTensor inputs (any placements, meshes of any number of dims; tensor
+and sequence parallel through ``parallelize_module``), see :func:`enable_dtensor` and
+fused_dropout/_dtensor.py.
 
 FSDP2 (``fully_shard``) works as DDP does: the box depends only on the activations' rows
 (tested on 2 and 4 gloo ranks against one process, with and without non-reentrant activation
@@ -24,8 +26,8 @@ that keeps no sample of a block still runs the branch, on zero rows, so its all-
 gradient reductions match the other ranks' (zero gradients for that branch's parameters);
 inside ``batch_sharded`` its decisions are the global batch's, at this rank's rows.
 
-Not covered (yet): DTensor inputs of the other ops, tensor/sequence parallel, the fused norms
-(``dropout_add_norm``), TorchScript-compiled modules (they run the ops without the box), and
+Not covered (yet): the fused norms under ``batch_sharded`` (``dropout_add_norm`` takes no box),
+TorchScript-compiled modules (they run the ops without the box), and
 activation checkpointing whose recomputation runs outside the block.
 """
 
@@ -47,7 +49,7 @@ __all__ = [
 
 
 def enable_dtensor() -> bool:
-    """Register ``dropout``'s DTensor rules (see fused_dropout/_dtensor.py): a DTensor input
+    """Register the ops' DTensor rules (see fused_dropout/_dtensor.py): a DTensor input
     gets the mask of its logical tensor, whatever its placements. ``import fused_dropout``
     does it by itself when ``torch.distributed.tensor`` is already imported (importing it
     costs about 0.7 s, so it is not imported for everyone). Returns False where torch lacks

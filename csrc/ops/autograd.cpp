@@ -3,6 +3,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <numeric>
+#include <vector>
+
 #include "ops/kernels.h"
 
 namespace fused_dropout {
@@ -156,8 +159,12 @@ struct DropoutAddFunction : torch::autograd::Function<DropoutAddFunction> {
     Tensor grad_input = regenerate(ctx, grad);
     Tensor grad_bias;
     if (ctx->saved_data["has_bias"].toBool() && grad_input.defined()) {
-      // Over every dim but the last; flatten, not reshape({-1, n}), which fails for n == 0.
-      grad_bias = grad_input.dim() == 1 ? grad_input.clone() : grad_input.flatten(0, -2).sum(0);
+      // Over every dim but the last, as one reduction over those dims (not flatten(0, -2) then
+      // sum(0): a DTensor cannot flatten an unevenly sharded dim; a contiguous gradient
+      // coalesces the dims into the same single reduction).
+      std::vector<int64_t> dims(grad_input.dim() - 1);
+      std::iota(dims.begin(), dims.end(), 0);
+      grad_bias = grad_input.dim() == 1 ? grad_input.clone() : grad_input.sum(dims);
     }
     // The residual's gradient is the incoming gradient itself: no copy.
     return grads_then_undefined({grad_input, grad, grad_bias}, 11);

@@ -352,7 +352,26 @@ def _loop_blocks(instrs: list[tuple[int, str]], lo: int, hi: int) -> dict[int, _
     return blocks
 
 
-def steady_state_path(instrs: list[tuple[int, str]], loads: int, stores: int) -> SteadyPath | None:
+def loop_edges(instrs: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(header, back edge) addresses of the loops: the branches to an earlier instruction."""
+    index = {a for a, _ in instrs}
+    return [
+        (target, addr)
+        for addr, ins in instrs
+        if (target := _branch(ins)[0]) is not None and target <= addr and target in index
+    ]
+
+
+def steady_state_path(
+    instrs: list[tuple[int, str]],
+    loads: int,
+    stores: int,
+    *,
+    draws: bool = True,
+    exact: bool = False,
+    innermost: bool = False,
+    only: list[tuple[int, int]] | None = None,
+) -> SteadyPath | None:
     """The instructions one thread executes per iteration of the grid-stride loop on its
     common path: of the ways round the loop (header to back edge) that issue ``loads``
     128-bit loads and ``stores`` 128-bit stores and draw (run Philox multiplies), the
@@ -362,16 +381,18 @@ def steady_state_path(instrs: list[tuple[int, str]], loads: int, stores: int) ->
     round's multiply of the uniform counter word o_lo may be hoisted out of the loop). Also
     counts the branches on the path that could go round the loop, loads and stores
     included, without its draws: one in a correct kernel, its p == 0 test; a kernel that
-    draws only in its tie branch has another, the tie test. None if no such loop."""
-    addrs = [a for a, _ in instrs]
-    index = {a: i for i, a in enumerate(addrs)}
-    back_edges = [
-        (target, addr)
-        for addr, ins in instrs
-        if (target := _branch(ins)[0]) is not None and target <= addr and target in index
-    ]
+    draws only in its tie branch has another, the tie test. None if no such loop.
+
+    For the norm kernels' loops: ``draws=False`` asks for a path with no Philox multiply,
+    ``exact`` for exactly ``loads`` and ``stores`` (not at least), and ``innermost`` tries the
+    narrowest loop first; ``only``: these loops (loop_edges) alone, in this order."""
+    index = {a: i for i, (a, _) in enumerate(instrs)}
+    back_edges = loop_edges(instrs)
     need = (loads, stores)
-    for head, tail in sorted(back_edges, key=lambda e: e[0] - e[1]):  # widest loop first
+    cap = (loads + exact, stores + exact)  # exact: one over the count shows as over
+    width = (lambda e: e[1] - e[0]) if innermost else (lambda e: e[0] - e[1])
+    order = only if only is not None else sorted(back_edges, key=width)
+    for head, tail in order:  # widest loop first (innermost: last)
         lo, hi = index[head], index[tail]
         blocks = _loop_blocks(instrs, lo, hi)
         # DP over the blocks in address order: state (Philox multiplies, capped loads and
@@ -383,12 +404,13 @@ def steady_state_path(instrs: list[tuple[int, str]], loads: int, stores: int) ->
             for (ph, ld, st), (n, path) in list(states.get(b, {}).items()):
                 key = (
                     ph + block.philox,
-                    min(ld + block.ldg128, loads),
-                    min(st + block.stg128, stores),
+                    min(ld + block.ldg128, cap[0]),
+                    min(st + block.stg128, cap[1]),
                 )
                 n, path = n + len(block.text), [*path, b]
                 if block.back:
-                    if key[1:] == need and key[0] > 0 and (best is None or (key[0], n) < best[0]):
+                    drawn = key[0] > 0 if draws else key[0] == 0
+                    if key[1:] == need and drawn and (best is None or (key[0], n) < best[0]):
                         best = ((key[0], n), path)
                     continue
                 for s in block.succ:
@@ -667,6 +689,118 @@ def norm_bytes_per_row(dtype: str, cols: int, backward: bool = False, prenorm: b
     if backward:
         return cols * size * (2 * 2 + 2)
     return cols * size * (3 + prenorm)
+
+
+def norm_kernel_flags(name: str) -> tuple[str, str, bool, bool, int] | None:
+    """'norm_forward_kernel<float, 0, 0, 8>' -> ('forward', dtype, wide h, RMSNorm, cached
+    chunks); the backward kernel has no cache argument (0)."""
+    m = re.match(r"norm_(forward|backward)_kernel<(\w+), ([01]), ([01])(?:, (\d+))?>$", name)
+    return (m[1], m[2], m[3] == "1", m[4] == "1", int(m[5] or 0)) if m else None
+
+
+# csrc/core/norm.h's reduction layout and csrc/cuda/norm.cu's geometry.
+NORM_CHUNK, NORM_STRIPE, NORM_ROW_BLOCK = 8, 256, 16
+
+
+def norm_groups(cols: int) -> int:
+    """G: warps per row (core/norm.h's norm_groups)."""
+    g = 1
+    while g < 8 and g * 2048 < cols:
+        g *= 2
+    return g
+
+
+@dataclasses.dataclass
+class NormPaths:
+    """SASS instructions (and IMADs) of the norm kernels' paths, per lane, on the vector path
+    (16-byte rows, a residual, weight and bias in the dtype, p > 0, no tie, h stored)."""
+
+    kernel: Kernel
+    # forward: hidden -> (instructions, IMADs) of one turn of the row loop, per lane
+    forward: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # backward: the loops' turns and their enclosing loops' turns, (instructions, IMADs)
+    sums_chunk: tuple[int, int] = (0, 0)  # first pass: one chunk of a row (no draw)
+    sums_row: tuple[int, int] = (0, 0)  # its enclosing turn: a row's trees, one chunk
+    grad_row: tuple[int, int] = (0, 0)  # second pass: one row of a chunk (draws)
+    grad_chunk: tuple[int, int] = (0, 0)  # its enclosing turn: one row, and the partials
+
+    def per_element(self, cols: int) -> tuple[float, float]:
+        """(instructions, IMADs) per element at hidden ``cols`` (a multiple of 256 * G)."""
+        lanes_chunks = max(1, cols // (NORM_STRIPE * norm_groups(cols)))  # a lane's chunks
+        if self.kernel.name.startswith("norm_forward"):
+            ins, imad = self.forward[cols]
+            per = NORM_CHUNK * lanes_chunks
+            return ins / per, imad / per
+        out = []
+        for q in range(2):
+            chunk, row = self.sums_chunk[q], self.sums_row[q] - self.sums_chunk[q]
+            grad, partials = self.grad_row[q], self.grad_chunk[q] - self.grad_row[q]
+            out.append(
+                (row + lanes_chunks * chunk) / (NORM_CHUNK * lanes_chunks)
+                + (grad + partials / NORM_ROW_BLOCK) / NORM_CHUNK
+            )
+        return out[0], out[1]
+
+
+def _count(path: SteadyPath | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    return len(path.instrs), sum(opcode(i).startswith("IMAD") for i in path.instrs)
+
+
+def norm_paths(k: Kernel, instrs: list[tuple[int, str]]) -> NormPaths | None:
+    """The norm kernel's paths from its SASS, or None if one is not found. Each operand of a
+    chunk (8 elements) is ``v`` 16-byte vectors: 2 for fp32, 1 for 16-bit types."""
+    flags = norm_kernel_flags(k.name)
+    if flags is None or flags[2] or flags[3] or flags[1] not in ("float", "bfloat16"):
+        return None  # modelled: LayerNorm, h in the dtype, fp32 and bf16
+    kind, dtype, _, _, cache = flags
+    v = NORM_CHUNK * ITEMSIZE[dtype] // 16
+    out = NormPaths(k)
+    if kind == "forward":
+        if not cache:
+            return None
+        for cols in NORM_HIDDEN:
+            chunks = cols // (NORM_STRIPE * norm_groups(cols))
+            if not 1 <= chunks <= cache:
+                return None
+            # per chunk: x, residual, weight, bias read; h, y written
+            found = _count(steady_state_path(instrs, 4 * v * chunks, 2 * v * chunks, exact=True))
+            if found is None:
+                return None
+            out.forward[cols] = found
+        return out
+    # backward: pass 1 reads h, dy and the weight per chunk, writes nothing, draws nothing;
+    # pass 2 also writes grad_h and grad_input and draws; its chunk turn writes the weight's
+    # and the bias's partials (fp32: 2 vectors each).
+    edges = loop_edges(instrs)
+
+    def inside(e, outer):
+        return outer[0] <= e[0] and e[1] <= outer[1] and e != outer
+
+    innermost = sorted(e for e in edges if not any(inside(o, e) for o in edges))
+    # (inner loop, its enclosing turn): loads, stores of each, whether they draw
+    passes = {
+        ("sums_chunk", "sums_row"): ((3 * v, 0), (3 * v, 0), False),
+        ("grad_row", "grad_chunk"): ((3 * v, 2 * v), (3 * v, 2 * v + 4), True),
+    }
+    for (inner_name, outer_name), (inner_io, outer_io, draws) in passes.items():
+        for e in innermost:
+            found = _count(steady_state_path(instrs, *inner_io, draws=draws, exact=True, only=[e]))
+            if found is None:
+                continue
+            setattr(out, inner_name, found)
+            enclosing = sorted((o for o in edges if inside(e, o)), key=lambda o: o[1] - o[0])
+            outer = enclosing[:1] and _count(
+                steady_state_path(instrs, *outer_io, draws=draws, exact=True, only=enclosing[:1])
+            )
+            if not outer:
+                return None
+            setattr(out, outer_name, outer)
+            break
+        else:
+            return None
+    return out
 
 
 def norm_model_table(gpu_name: str = "H200") -> str:

@@ -214,10 +214,17 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a, const La
   acc* const p_input_bias = slab(a.grad_input_bias);
   const int64_t grain =
       std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols * kRowBlock, 1));
+  // Two sweeps per row over L1-resident data, each a branch-free loop that vectorizes (the
+  // presence flags are template arguments). Sweep 1 reads h (or y) and dy once from memory and
+  // adds, in one loop, the row sums S(g * xhat) and S(g) into the contract's stripe
+  // accumulators and dy * xhat and dy into the block's column partials. Sweep 2 recomputes
+  // xhat and g from the same rows (now in L1: cheaper than storing and reloading them) and
+  // writes the gradients. Every value is computed by the same expressions, in the same order,
+  // as the contract's reference, so the bits are those of core/norm.h's sums.
   parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    Vector<acc> xhat(cols), g(cols), dyv(cols), dh(cols);
     Vector<uint8_t> keep(cols);
-    RowSums<acc, 2> sums;
+    const int groups = norm_groups(cols);
+    alignas(64) acc sum_gx[kMaxGroups * kStripe], sum_g[kMaxGroups * kStripe];
     KeepRange range(stream, a.affine);
     for (int64_t b = b0; b < b1; ++b) {
       acc* pw = p_weight ? p_weight + b * cols : nullptr;
@@ -230,53 +237,88 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a, const La
         const RowStats<acc> stats{
             kRms || a.saved_is_y ? acc(0) : static_cast<const acc*>(a.mean)[r],
             static_cast<const acc*>(a.rstd)[r]};
-        const raw* dy = static_cast<const raw*>(a.dy) + r * cols;
-        if (a.saved_is_y) {
-          const raw* y = static_cast<const raw*>(a.saved) + r * cols;
-          for (int64_t c = 0; c < cols; ++c)
-            xhat[c] = xhat_from_y(S::load(y[c]), weight[c], bias[c]);
-        } else {
-          const hraw* h = static_cast<const hraw*>(a.saved) + r * cols;
-          for (int64_t c = 0; c < cols; ++c) xhat[c] = normalized<kRms>(Hs::load(h[c]), stats);
-        }
-        for (int64_t c = 0; c < cols; ++c) {
-          dyv[c] = S::load(dy[c]);
-          g[c] = mul_rn(dyv[c], weight[c]);
-        }
-        acc s[2];
-        sums.run(
-            cols,
-            [&](int64_t i, acc(&v)[2]) {
-              v[0] = mul_rn(g[i], xhat[i]);
-              v[1] = g[i];
-            },
-            s);
-        const acc c1 = row_mean(s[0], cols), c2 = kRms ? acc(0) : row_mean(s[1], cols);
+        const raw* __restrict dy = static_cast<const raw*>(a.dy) + r * cols;
+        const void* saved_row =
+            a.saved_is_y ? static_cast<const void*>(static_cast<const raw*>(a.saved) + r * cols)
+                         : static_cast<const void*>(static_cast<const hraw*>(a.saved) + r * cols);
+        const acc* __restrict w = weight.data();
+        const acc* __restrict bi = bias.data();
+        // xhat of column c, from h or from y; everything by value, so that no store in the
+        // loops below may alias what it reads (else GCC leaves them scalar).
+        const auto xhat_at = [w, bi, saved_row, stats](auto from_y, int64_t c) -> acc {
+          if constexpr (decltype(from_y)::value) {
+            return xhat_from_y(S::load(static_cast<const raw*>(saved_row)[c]), w[c], bi[c]);
+          } else {
+            return normalized<kRms>(Hs::load(static_cast<const hraw*>(saved_row)[c]),
+                                    RowStats<acc>{stats.mean, stats.rstd});
+          }
+        };
+        acc c1 = 0, c2 = 0;
+        const auto sweep1 = [&](auto from_y, auto has_pw, auto has_pb) {
+          std::fill(sum_gx, sum_gx + groups * kStripe, acc(0));
+          std::fill(sum_g, sum_g + groups * kStripe, acc(0));
+          acc* __restrict cw = pw;
+          acc* __restrict cb = pb;
+          for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
+            acc* __restrict agx = sum_gx + (s % groups) * kStripe - s0;
+            acc* __restrict ag = sum_g + (s % groups) * kStripe - s0;
+            const int64_t end = std::min<int64_t>(cols, s0 + kStripe);
+            for (int64_t c = s0; c < end; ++c) {
+              const acc xh = xhat_at(from_y, c);
+              const acc d = S::load(dy[c]);
+              const acc gg = mul_rn(d, w[c]);
+              agx[c] = add_rn(agx[c], mul_rn(gg, xh));
+              ag[c] = add_rn(ag[c], gg);
+              if constexpr (decltype(has_pw)::value) cw[c] = add_rn(cw[c], mul_rn(d, xh));
+              if constexpr (decltype(has_pb)::value) cb[c] = add_rn(cb[c], d);
+            }
+          }
+          c1 = row_mean(RowSums<acc, 1>::tree(sum_gx, groups), cols);
+          c2 = kRms ? acc(0) : row_mean(RowSums<acc, 1>::tree(sum_g, groups), cols);
+        };
+        using T = std::true_type;
+        using F = std::false_type;
+        const auto with_pb = [&](auto... flags) {
+          pb ? sweep1(flags..., T{}) : sweep1(flags..., F{});
+        };
+        const auto with_pw = [&](auto... flags) {
+          pw ? with_pb(flags..., T{}) : with_pb(flags..., F{});
+        };
+        a.saved_is_y ? with_pw(T{}) : with_pw(F{});
         row_keep(range, r, cols, a.rows_per_sample, keep.data());
         const hraw* dh_in = a.dh_in ? static_cast<const hraw*>(a.dh_in) + r * cols : nullptr;
         hraw* grad_h = a.grad_h ? static_cast<hraw*>(a.grad_h) + r * cols : nullptr;
         raw* grad_input = static_cast<raw*>(a.grad_input) + r * cols;
-        // Loops without branches inside, so that each vectorizes.
-        for (int64_t c = 0; c < cols; ++c)
-          dh[c] = h_gradient<kRms>(g[c], xhat[c], stats.rstd, c1, c2);
-        if (dh_in) {
-          for (int64_t c = 0; c < cols; ++c) dh[c] = add_rn(dh[c], Hs::load(dh_in[c]));
-        }
-        if (grad_h) {
-          for (int64_t c = 0; c < cols; ++c) grad_h[c] = Hs::store(dh[c]);
-        }
-        for (int64_t c = 0; c < cols; ++c) {
-          grad_input[c] = S::store(masked_value<false>(keep[c] != 0, dh[c], consts));
-        }
-        if (pw) {
-          for (int64_t c = 0; c < cols; ++c) pw[c] = add_rn(pw[c], mul_rn(dyv[c], xhat[c]));
-        }
-        if (pb) {
-          for (int64_t c = 0; c < cols; ++c) pb[c] = add_rn(pb[c], dyv[c]);
-        }
-        if (pib) {
-          for (int64_t c = 0; c < cols; ++c) pib[c] = add_rn(pib[c], S::load(grad_input[c]));
-        }
+        const acc rstd = stats.rstd;
+        const auto sweep2 = [&, c1, c2](auto from_y, auto has_dh_in, auto has_grad_h,
+                                        auto has_pib) {
+          const uint8_t* __restrict k = keep.data();
+          const AffineConsts<acc> mc = consts;
+          const hraw* __restrict din = dh_in;
+          hraw* __restrict gh = grad_h;
+          raw* __restrict gi = grad_input;
+          acc* __restrict ib = pib;
+          for (int64_t c = 0; c < cols; ++c) {
+            const acc xh = xhat_at(from_y, c);
+            const acc gg = mul_rn(S::load(dy[c]), w[c]);
+            acc dh = h_gradient<kRms>(gg, xh, rstd, c1, c2);
+            if constexpr (decltype(has_dh_in)::value) dh = add_rn(dh, Hs::load(din[c]));
+            if constexpr (decltype(has_grad_h)::value) gh[c] = Hs::store(dh);
+            const raw out = S::store(masked_value<false>(k[c] != 0, dh, mc));
+            gi[c] = out;
+            if constexpr (decltype(has_pib)::value) ib[c] = add_rn(ib[c], S::load(out));
+          }
+        };
+        const auto with_pib = [&](auto... flags) {
+          pib ? sweep2(flags..., T{}) : sweep2(flags..., F{});
+        };
+        const auto with_grad_h = [&](auto... flags) {
+          grad_h ? with_pib(flags..., T{}) : with_pib(flags..., F{});
+        };
+        const auto with_dh_in = [&](auto... flags) {
+          dh_in ? with_grad_h(flags..., T{}) : with_grad_h(flags..., F{});
+        };
+        a.saved_is_y ? with_dh_in(T{}) : with_dh_in(F{});
       }
     }
   });

@@ -26,9 +26,12 @@ that keeps no sample of a block still runs the branch, on zero rows, so its all-
 gradient reductions match the other ranks' (zero gradients for that branch's parameters);
 inside ``batch_sharded`` its decisions are the global batch's, at this rank's rows.
 
+Activation checkpointing whose recomputation runs outside the block (reentrant checkpointing,
+or backward outside the ``with``): ``batch_sharded(...).attach(model)`` keeps the block active
+while any of the model's modules runs, recomputation included.
+
 Not covered (yet): the fused norms under ``batch_sharded`` (``dropout_add_norm`` takes no box),
-TorchScript-compiled modules (they run the ops without the box), and
-activation checkpointing whose recomputation runs outside the block.
+and TorchScript-compiled modules (they run the ops without the box).
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ import dataclasses
 import hashlib
 
 import torch
+from torch import nn
 
 __all__ = [
     "batch_sharded",
     "check_same_seed",
     "current_box",
+    "detach",
     "enable_dtensor",
     "generator_state_hash",
 ]
@@ -70,6 +75,8 @@ class _Shard:
 # The active blocks, innermost last. Process-wide (not per thread): a training step runs its
 # forward and backward on one thread, and autograd's worker threads must see it too.
 _ACTIVE: list[_Shard] = []
+# id(model) -> the forward hooks of its batch_sharded.attach
+_ATTACHED: dict[int, list] = {}
 
 
 def current_box(input: torch.Tensor) -> tuple[list[int] | None, list[int] | None]:
@@ -168,7 +175,7 @@ class batch_sharded(contextlib.ContextDecorator):  # noqa: N801 (a function-like
     ):
         self.group, self.dim, self.batch_size, self.check_seed = group, dim, batch_size, check_seed
 
-    def __enter__(self) -> batch_sharded:
+    def _checked_shard(self) -> _Shard:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -180,13 +187,48 @@ class batch_sharded(contextlib.ContextDecorator):  # noqa: N801 (a function-like
             raise ValueError(f"batch_size must be non-negative, got {self.batch_size}")
         if self.check_seed or self.batch_size is not None:
             _check(self.group, self.batch_size, self.check_seed)
-        shard = _Shard(
+        return _Shard(
             dist.get_world_size(self.group), dist.get_rank(self.group), self.dim, self.batch_size
         )
-        _ACTIVE.append(shard)
-        self._shard = shard
+
+    def __enter__(self) -> batch_sharded:
+        self._shard = self._checked_shard()
+        _ACTIVE.append(self._shard)
         return self
 
     def __exit__(self, *exc) -> bool:
         _ACTIVE.remove(self._shard)
         return False
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Keep this block active while ``model`` or any of its current submodules runs its
+        forward, so that activation checkpointing's recomputation, which reruns a submodule in
+        backward outside any ``with``, draws the global masks too. The checks run once, now
+        (a collective: every rank attaches together). Undo with :func:`detach`."""
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TypeError(
+                "fused_dropout.distributed.batch_sharded.attach: TorchScript modules run no "
+                "Python hooks"
+            )
+        detach(model)
+        shard = self._checked_shard()
+
+        def enter(module, args):
+            _ACTIVE.append(shard)
+
+        def leave(module, args, output):
+            _ACTIVE.remove(shard)
+
+        handles = []
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+        _ATTACHED[id(model)] = handles
+        return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Undo :meth:`batch_sharded.attach` for ``model`` (nothing if it is not attached)."""
+    for handle in _ATTACHED.pop(id(model), []):
+        handle.remove()
+    return model

@@ -193,6 +193,27 @@ def _scenario_checkpoint(rank: int) -> dict:
     return {"out": out.detach(), "x_grad": x.grad}
 
 
+def _scenario_attached(rank: int) -> dict:
+    """``batch_sharded().attach(model)`` and no ``with`` at all: checkpointing's recomputation
+    runs in backward (reentrant or not), and must draw the global masks again."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = distributed.batch_sharded().attach(_model())
+    x, up = _block_inputs(rank)
+    out = {}
+    for reentrant in (False, True):
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(SEED)
+        y = checkpoint(model, xr, use_reentrant=reentrant)
+        y.backward(up)
+        out[reentrant] = (y.detach(), xr.grad)
+    out["active_after"] = len(distributed._ACTIVE)
+    distributed.detach(model)
+    torch.manual_seed(SEED)
+    out["detached"] = model(x).detach()
+    return out
+
+
 def _scenario_errors(rank: int) -> dict:
     errors = {}
     torch.manual_seed(SEED + rank)  # seeded differently
@@ -216,51 +237,6 @@ def _scenario_errors(rank: int) -> dict:
     return errors
 
 
-def _dtensor_cases():
-    """(name, global input, placements, call): Shard(d) for every d (uneven: 5 rows, 7
-    columns on 2 ranks), Replicate and Partial, element-wise, per-sample and channel masks."""
-    from torch.distributed.tensor import Partial, Replicate, Shard
-
-    x = _global_input((5, 7, 6), 8)
-    img = _global_input((5, 4, 3, 3), 9)
-    cases = []
-    for placement in (Shard(0), Shard(1), Shard(2), Replicate(), Partial()):
-        cases.append((f"dropout-{placement}", x, placement, lambda t: F.dropout(t, 0.4)))
-    for placement in (Shard(0), Shard(1)):
-        cases.append((f"drop_path-{placement}", x, placement, lambda t: F.drop_path(t, 0.5, True)))
-    for placement in (Shard(0), Shard(1), Shard(2)):
-        cases.append((f"dropout2d-{placement}", img, placement, lambda t: F.dropout2d(t, 0.5)))
-    return cases
-
-
-def _scenario_dtensor(rank: int) -> dict:
-    """Each case on a DTensor of a 1-D mesh of both ranks: the full output and the full
-    gradient for a fixed upstream gradient."""
-    from fused_dropout import _dtensor
-
-    if _dtensor.available() is not None:
-        return {}
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial, distribute_tensor
-
-    distributed.enable_dtensor()
-    mesh = init_device_mesh("cpu", (WORLD,))
-    out = {}
-    for i, (name, x, placement, call) in enumerate(_dtensor_cases()):
-        if isinstance(placement, Partial):  # each rank holds half of the sum
-            xd = DTensor.from_local(x / WORLD, mesh, [placement])
-        else:
-            xd = distribute_tensor(x, mesh, [placement])
-        xd = xd.detach().requires_grad_()
-        torch.manual_seed(SEED + i)
-        y = call(xd)
-        up = torch.arange(x.numel(), dtype=x.dtype).view(x.shape).cos()
-        placements = y.placements
-        y.backward(distribute_tensor(up, mesh, placements))
-        out[name] = (y.full_tensor().detach(), xd.grad.full_tensor(), str(placements))
-    return out
-
-
 _SCENARIOS = {
     "masks": _scenario_masks,
     "masks_plain": _scenario_masks_plain,
@@ -268,7 +244,7 @@ _SCENARIOS = {
     "ddp": _scenario_ddp,
     "errors": _scenario_errors,
     "checkpoint": _scenario_checkpoint,
-    "dtensor": _scenario_dtensor,
+    "attached": _scenario_attached,
 }
 
 
@@ -387,28 +363,6 @@ def test_batch_sharded_needs_an_initialized_process_group():
     assert distributed.current_box(torch.ones(2)) == (None, None)
 
 
-def test_dtensor_dropout_is_the_full_tensors_bit_for_bit(ranks):
-    """dropout of a DTensor (Shard(d) for each d, uneven, Replicate, Partial reduced first):
-    full output and full gradient bit for bit those of one process on the full tensor, on
-    every rank; per-sample and channel masks with the batch, channel or a spatial dim
-    sharded."""
-    from fused_dropout import _dtensor
-
-    if _dtensor.available() is not None:
-        pytest.skip(_dtensor.available())
-    assert ranks[0]["dtensor"], "the ranks ran no DTensor case"
-    for i, (name, x, _, call) in enumerate(_dtensor_cases()):
-        xg = x.detach().clone().requires_grad_()
-        torch.manual_seed(SEED + i)
-        y = call(xg)
-        up = torch.arange(x.numel(), dtype=x.dtype).view(x.shape).cos()
-        (grad,) = torch.autograd.grad(y, xg, up)
-        for r, got in enumerate(ranks):
-            gy, gg, placements = got["dtensor"][name]
-            _bitwise(gy, y.detach(), f"{name}: rank {r}'s full output ({placements})")
-            _bitwise(gg, grad, f"{name}: rank {r}'s full gradient")
-
-
 def test_activation_checkpointing_recomputes_the_global_masks(ranks):
     """Outputs and input gradients bit for bit with one process (no checkpointing there): the
     recomputation in backward drew the same masks (preserve_rng_state, the default)."""
@@ -421,3 +375,23 @@ def test_activation_checkpointing_recomputes_the_global_masks(ranks):
     for r, got in enumerate(ranks):
         _bitwise(got["checkpoint"]["out"], _rows(out.detach(), r), f"rank {r}'s output")
         _bitwise(got["checkpoint"]["x_grad"], _rows(x.grad, r), f"rank {r}'s input gradient")
+
+
+def test_attached_model_recomputes_the_global_masks_outside_any_block(ranks):
+    """The attached form: outputs and input gradients bit for bit with one process, for
+    reentrant and non-reentrant checkpointing run outside any ``with``; after ``detach`` the
+    ranks draw their local masks again (so rank 1's output is no longer one process's)."""
+    model = _model()
+    x, up = _block_inputs(None)
+    x.requires_grad_()
+    torch.manual_seed(SEED)
+    out = model(x)
+    out.backward(up)
+    for r, got in enumerate(ranks):
+        for reentrant in (False, True):
+            y, grad = got["attached"][reentrant]
+            what = f"rank {r}, use_reentrant={reentrant}"
+            _bitwise(y, _rows(out.detach(), r), f"{what}: output")
+            _bitwise(grad, _rows(x.grad, r), f"{what}: input gradient")
+        assert got["attached"]["active_after"] == 0, "a hook left the block active"
+    assert not torch.equal(ranks[1]["attached"]["detached"], _rows(out.detach(), 1))

@@ -14,6 +14,11 @@ measurement): SASS instructions and IMADs per element on the steady-state vector
 of the grid-stride loop, the issue-bound and memory-bound elements/s they imply on an
 A100, H100, H200 and B200, and which bound each kernel hits (bench/README.md).
 
+A third table does the same for csrc/cuda/norm.cu's LayerNorm kernels (forward and
+backward, fp32/fp16/bf16), per hidden size from 768 to 8192: the instructions per element of
+a row's turn on the vector path (one Philox call per 8 elements), against the bytes model of
+norm_bytes_per_row on an H200.
+
 ``analyze`` and ``check`` are importable, so a test can assert no spills and
 vectorized I/O in the contiguous kernels: ``assert kernels.check(kernels.analyze("sm_80")) == []``.
 """
@@ -72,6 +77,8 @@ class Kernel:
     path_calls: int = 0  # subroutine calls on it (uncounted instructions: check() rejects them)
     path_philox_muls: int = 0  # Philox multiplies on it
     path_draw_skips: int = 0  # its branches that could go round the loop without its draws
+    # norm.cu kernels: hidden -> (instructions, IMADs) per element on the vector path
+    norm_per_element: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def spill_bytes(self) -> int:
@@ -371,6 +378,7 @@ def steady_state_path(
     exact: bool = False,
     innermost: bool = False,
     only: list[tuple[int, int]] | None = None,
+    min_philox: int = 0,
 ) -> SteadyPath | None:
     """The instructions one thread executes per iteration of the grid-stride loop on its
     common path: of the ways round the loop (header to back edge) that issue ``loads``
@@ -385,40 +393,54 @@ def steady_state_path(
 
     For the norm kernels' loops: ``draws=False`` asks for a path with no Philox multiply,
     ``exact`` for exactly ``loads`` and ``stores`` (not at least), and ``innermost`` tries the
-    narrowest loop first; ``only``: these loops (loop_edges) alone, in this order."""
+    narrowest loop first; ``only``: these loops (loop_edges) alone, in this order;
+    ``min_philox``: a drawing path has at least this many Philox multiplies (so a norm row's
+    element-wise draws, not its one per-sample draw)."""
     index = {a: i for i, (a, _) in enumerate(instrs)}
     back_edges = loop_edges(instrs)
     need = (loads, stores)
     cap = (loads + exact, stores + exact)  # exact: one over the count shows as over
+    enough = max(min_philox, 1)  # Philox multiplies that make a path a drawing one
     width = (lambda e: e[1] - e[0]) if innermost else (lambda e: e[0] - e[1])
     order = only if only is not None else sorted(back_edges, key=width)
     for head, tail in order:  # widest loop first (innermost: last)
         lo, hi = index[head], index[tail]
         blocks = _loop_blocks(instrs, lo, hi)
-        # DP over the blocks in address order: state (Philox multiplies, capped loads and
-        # stores) -> (instruction count, blocks taken)
-        states: dict[int, dict[tuple, tuple[int, list[int]]]] = {lo: {(0, 0, 0): (0, [])}}
+        # DP over the blocks in address order. State on entering a block: (Philox
+        # multiplies capped at enough, capped loads, capped stores) -> the least (Philox
+        # multiplies, instructions) that reaches it, and the state it came from. Both add up
+        # along a path, so a suffix keeps their order and the least is all a state needs;
+        # back pointers, not paths: the unrolled norm kernels have thousands of blocks.
+        State = tuple[int, int, int]
+        states: dict[int, dict[State, tuple[int, int, tuple | None]]] = {
+            lo: {(0, 0, 0): (0, 0, None)}
+        }
         best = None
         for b in sorted(blocks):
             block = blocks[b]
-            for (ph, ld, st), (n, path) in list(states.get(b, {}).items()):
+            for here, (ph, n, _) in states.get(b, {}).items():
                 key = (
-                    ph + block.philox,
-                    min(ld + block.ldg128, cap[0]),
-                    min(st + block.stg128, cap[1]),
+                    min(here[0] + block.philox, enough),
+                    min(here[1] + block.ldg128, cap[0]),
+                    min(here[2] + block.stg128, cap[1]),
                 )
-                n, path = n + len(block.text), [*path, b]
+                cost = (ph + block.philox, n + len(block.text))
                 if block.back:
-                    drawn = key[0] > 0 if draws else key[0] == 0
-                    if key[1:] == need and drawn and (best is None or (key[0], n) < best[0]):
-                        best = ((key[0], n), path)
+                    drawn = key[0] == enough if draws else key[0] == 0
+                    if key[1:] == need and drawn and (best is None or cost < best[0]):
+                        best = (cost, (b, here))
                     continue
                 for s in block.succ:
                     slot = states.setdefault(s, {})
-                    if key not in slot or slot[key][0] > n:
-                        slot[key] = (n, path)
+                    if key not in slot or slot[key][:2] > cost:
+                        slot[key] = (*cost, (b, here))
         if best is not None:
-            (philox, _), path = best
+            (philox, _), at = best
+            path = []
+            while at is not None:
+                path.append(at[0])
+                at = states[at[0]][at[1]][2]
+            path.reverse()
             text = [ins for b in path for ins in blocks[b].text]
             return SteadyPath(text, philox, _draw_skips(blocks, path, need))
     return None
@@ -500,21 +522,29 @@ def analyze(
     with tempfile.TemporaryDirectory(prefix="fd_kernels_") as tmp:
         for source in cuda_sources(src):
             cubin, log = compile_cubin(source, arch, Path(work or tmp), src)
-            ptxas, usage = (
-                parse_ptxas(log),
-                parse_resource_usage(_cuobjdump(cubin, "--dump-resource-usage")),
-            )
-            text = _cuobjdump(cubin, "--dump-sass")
-            sass, functions = parse_sass(text), sass_functions(text)
-            short = demangle(list(usage), src)
-            for mangled, res in usage.items():
-                k = Kernel(arch, short[mangled], mangled, **res)
-                for key, value in ptxas.get(mangled, {}).items():
-                    setattr(k, key, value)
-                for key, value in sass.get(mangled, Counter()).items():
-                    setattr(k, key, value)
-                _model_path(k, functions.get(mangled, []))
-                kernels.append(k)
+            kernels += read_cubin(arch, cubin, log, src)
+    return kernels
+
+
+def read_cubin(
+    arch: str, cubin: Path, ptxas_log: str = "", src: Path = ROOT / "csrc"
+) -> list[Kernel]:
+    """Each kernel's figures from a cubin of ``arch`` (and ptxas -v's report, if any)."""
+    ptxas = parse_ptxas(ptxas_log)
+    usage = parse_resource_usage(_cuobjdump(cubin, "--dump-resource-usage"))
+    text = _cuobjdump(cubin, "--dump-sass")
+    sass, functions = parse_sass(text), sass_functions(text)
+    short = demangle(list(usage), src)
+    kernels = []
+    for mangled, res in usage.items():
+        k = Kernel(arch, short[mangled], mangled, **res)
+        for key, value in ptxas.get(mangled, {}).items():
+            setattr(k, key, value)
+        for key, value in sass.get(mangled, Counter()).items():
+            setattr(k, key, value)
+        _model_path(k, functions.get(mangled, []))
+        _model_norm(k, functions.get(mangled, []))
+        kernels.append(k)
     return kernels
 
 
@@ -627,14 +657,20 @@ class Bounds:
         return self.compute / self.memory
 
 
-def bounds(k: Kernel, gpu: Gpu) -> Bounds:
+def rates(gpu: Gpu, instrs: float, imads: float, nbytes: float) -> tuple[float, float, float]:
+    """(issue-bound, IMAD-bound, memory-bound) elements/s of a path of ``instrs`` and
+    ``imads`` per element that moves ``nbytes`` per element."""
     warp_elements = 32 * gpu.sms * gpu.clock_ghz * 1e9
+    return (
+        ISSUE_PER_SM_CLOCK * warp_elements / instrs,
+        IMAD_PER_SM_CLOCK * warp_elements / max(imads, 1e-9),
+        gpu.bandwidth_tbs * 1e12 / nbytes,
+    )
+
+
+def bounds(k: Kernel, gpu: Gpu) -> Bounds:
     return Bounds(
-        k,
-        gpu,
-        ISSUE_PER_SM_CLOCK * warp_elements / k.instrs_per_element,
-        IMAD_PER_SM_CLOCK * warp_elements / max(k.imads_per_element, 1e-9),
-        gpu.bandwidth_tbs * 1e12 / bytes_per_element(k),
+        k, gpu, *rates(gpu, k.instrs_per_element, k.imads_per_element, bytes_per_element(k))
     )
 
 
@@ -752,8 +788,8 @@ def norm_paths(k: Kernel, instrs: list[tuple[int, str]]) -> NormPaths | None:
     """The norm kernel's paths from its SASS, or None if one is not found. Each operand of a
     chunk (8 elements) is ``v`` 16-byte vectors: 2 for fp32, 1 for 16-bit types."""
     flags = norm_kernel_flags(k.name)
-    if flags is None or flags[2] or flags[3] or flags[1] not in ("float", "bfloat16"):
-        return None  # modelled: LayerNorm, h in the dtype, fp32 and bf16
+    if not is_modelled_norm(k):
+        return None
     kind, dtype, _, _, cache = flags
     v = NORM_CHUNK * ITEMSIZE[dtype] // 16
     out = NormPaths(k)
@@ -765,7 +801,9 @@ def norm_paths(k: Kernel, instrs: list[tuple[int, str]]) -> NormPaths | None:
             if not 1 <= chunks <= cache:
                 return None
             # per chunk: x, residual, weight, bias read; h, y written
-            found = _count(steady_state_path(instrs, 4 * v * chunks, 2 * v * chunks, exact=True))
+            # one Philox call per chunk (19-20 multiplies), not one per-sample draw per row
+            io = (4 * v * chunks, 2 * v * chunks)
+            found = _count(steady_state_path(instrs, *io, exact=True, min_philox=19 * chunks))
             if found is None:
                 return None
             out.forward[cols] = found
@@ -803,18 +841,57 @@ def norm_paths(k: Kernel, instrs: list[tuple[int, str]]) -> NormPaths | None:
     return out
 
 
-def norm_model_table(gpu_name: str = "H200") -> str:
-    """Rows/s at the datasheet bandwidth under the bytes model (the memory bound): what the
-    norm kernels must reach. Their instruction count per element is not modelled yet."""
+def is_modelled_norm(k: Kernel) -> bool:
+    """The norm kernels the model covers: LayerNorm with h in the dtype (fp32, fp16, bf16),
+    the forward that keeps h in registers, and the backward."""
+    flags = norm_kernel_flags(k.name)
+    return (
+        flags is not None
+        and not flags[2]
+        and not flags[3]
+        and flags[1] in ("float", "half", "bfloat16")
+        and (flags[0] == "backward" or flags[4] > 0)
+    )
+
+
+def _model_norm(k: Kernel, instrs: list[tuple[int, str]]) -> None:
+    """Fill norm_per_element of a modelled norm kernel from its SASS (norm_paths)."""
+    paths = norm_paths(k, instrs) if instrs and is_modelled_norm(k) else None
+    if paths is not None:
+        k.norm_per_element = {cols: paths.per_element(cols) for cols in NORM_HIDDEN}
+
+
+def norm_bounds(k: Kernel, gpu: Gpu, cols: int) -> Bounds:
+    """The model's rates of a norm kernel at hidden ``cols``, per element of the input."""
+    kind, dtype, *_ = norm_kernel_flags(k.name)
+    instrs, imads = k.norm_per_element[cols]
+    nbytes = norm_bytes_per_row(dtype, cols, kind == "backward") / cols
+    return Bounds(k, gpu, *rates(gpu, instrs, imads, nbytes))
+
+
+def norm_model_table(kernels: list[Kernel], gpu_name: str = "H200") -> str:
+    """Instructions per element of the norm kernels' vector paths and the headroom they
+    leave on ``gpu_name`` (compute-bound rate over the memory-bound rate of the bytes model,
+    norm_bytes_per_row; > 1: memory-bound), per hidden size."""
     g = next(g for g in GPUS if g.name == gpu_name)
-    lines = [f"norm.cu bytes model on {g.name} ({g.bandwidth_tbs} TB/s): bytes/row, Mrows/s"]
-    for dtype in ("float", "bfloat16"):
-        for backward in (False, True):
-            cells = []
-            for cols in NORM_HIDDEN:
-                b = norm_bytes_per_row(dtype, cols, backward)
-                cells.append(f"{cols}: {b} B {g.bandwidth_tbs * 1e12 / b / 1e6:.0f}")
-            lines.append(f"  {dtype:<8} {'bwd' if backward else 'fwd'}  " + ", ".join(cells))
+    norms = [k for k in kernels if k.arch == g.arch and is_modelled_norm(k)]
+    width = max([len(k.name) for k in norms] + [6]) + 1
+    lines = [
+        f"norm.cu model on {g.name} ({g.arch} SASS, a lead, not a measurement): LayerNorm, h "
+        "in the dtype, weight and bias in the dtype, p > 0, h stored; per hidden size:",
+        "instructions/element  compute/memory (> 1: memory-bound)",
+        f"{'kernel':<{width}}" + "".join(f"{cols:>15}" for cols in NORM_HIDDEN),
+    ]
+    for k in norms:
+        cells = []
+        for cols in NORM_HIDDEN:
+            if cols not in k.norm_per_element:
+                cells.append(f"{'no path':>15}")
+                continue
+            cells.append(
+                f"{k.norm_per_element[cols][0]:>8.1f} {norm_bounds(k, g, cols).headroom:>5.2f}x"
+            )
+        lines.append(f"{k.name:<{width}}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -895,7 +972,7 @@ def main(argv=None) -> int:
     print()
     print(model_table(kernels, args.block))
     print()
-    print(norm_model_table())
+    print(norm_model_table(kernels))
     problems = check(kernels)
     print(
         "\n".join(f"FAIL {p}" for p in problems)

@@ -424,6 +424,8 @@ def steady_state_path(
                     min(here[1] + block.ldg128, cap[0]),
                     min(here[2] + block.stg128, cap[1]),
                 )
+                if (exact and (key[1] > need[0] or key[2] > need[1])) or (key[0] and not draws):
+                    continue  # past what the path may load, store or draw: tallies only grow
                 cost = (ph + block.philox, n + len(block.text))
                 if block.back:
                     drawn = key[0] == enough if draws else key[0] == 0
@@ -796,17 +798,20 @@ def norm_paths(k: Kernel, instrs: list[tuple[int, str]]) -> NormPaths | None:
     if kind == "forward":
         if not cache:
             return None
+        by_chunks: dict[int, tuple[int, int] | None] = {}  # 2048-8192: 8 chunks a lane
         for cols in NORM_HIDDEN:
             chunks = cols // (NORM_STRIPE * norm_groups(cols))
             if not 1 <= chunks <= cache:
                 return None
             # per chunk: x, residual, weight, bias read; h, y written
             # one Philox call per chunk (19-20 multiplies), not one per-sample draw per row
-            io = (4 * v * chunks, 2 * v * chunks)
-            found = _count(steady_state_path(instrs, *io, exact=True, min_philox=19 * chunks))
-            if found is None:
+            if chunks not in by_chunks:
+                io = (4 * v * chunks, 2 * v * chunks)
+                path = steady_state_path(instrs, *io, exact=True, min_philox=19 * chunks)
+                by_chunks[chunks] = _count(path)
+            if by_chunks[chunks] is None:
                 return None
-            out.forward[cols] = found
+            out.forward[cols] = by_chunks[chunks]
         return out
     # backward: pass 1 reads h, dy and the weight per chunk, writes nothing, draws nothing;
     # pass 2 also writes grad_h and grad_input and draws; its chunk turn writes the weight's
@@ -854,9 +859,14 @@ def is_modelled_norm(k: Kernel) -> bool:
     )
 
 
+# The norm table models the H200, from the sm_90 code (a search is about a minute an arch).
+NORM_ARCHS = ("sm_90",)
+
+
 def _model_norm(k: Kernel, instrs: list[tuple[int, str]]) -> None:
     """Fill norm_per_element of a modelled norm kernel from its SASS (norm_paths)."""
-    paths = norm_paths(k, instrs) if instrs and is_modelled_norm(k) else None
+    modelled = instrs and k.arch in NORM_ARCHS and is_modelled_norm(k)
+    paths = norm_paths(k, instrs) if modelled else None
     if paths is not None:
         k.norm_per_element = {cols: paths.per_element(cols) for cols in NORM_HIDDEN}
 

@@ -363,35 +363,36 @@ def test_batch_sharded_needs_an_initialized_process_group():
     assert distributed.current_box(torch.ones(2)) == (None, None)
 
 
-def test_activation_checkpointing_recomputes_the_global_masks(ranks):
-    """Outputs and input gradients bit for bit with one process (no checkpointing there): the
-    recomputation in backward drew the same masks (preserve_rng_state, the default)."""
+def _one_process_block():
+    """The block's output and input gradient in one process (no checkpointing), global batch."""
     model = _model()
     x, up = _block_inputs(None)
     x.requires_grad_()
     torch.manual_seed(SEED)
     out = model(x)
     out.backward(up)
+    return out.detach(), x.grad
+
+
+def test_activation_checkpointing_recomputes_the_global_masks(ranks):
+    """Outputs and input gradients bit for bit with one process (no checkpointing there): the
+    recomputation in backward drew the same masks (preserve_rng_state, the default)."""
+    out, x_grad = _one_process_block()
     for r, got in enumerate(ranks):
-        _bitwise(got["checkpoint"]["out"], _rows(out.detach(), r), f"rank {r}'s output")
-        _bitwise(got["checkpoint"]["x_grad"], _rows(x.grad, r), f"rank {r}'s input gradient")
+        _bitwise(got["checkpoint"]["out"], _rows(out, r), f"rank {r}'s output")
+        _bitwise(got["checkpoint"]["x_grad"], _rows(x_grad, r), f"rank {r}'s input gradient")
 
 
 def test_attached_model_recomputes_the_global_masks_outside_any_block(ranks):
     """The attached form: outputs and input gradients bit for bit with one process, for
     reentrant and non-reentrant checkpointing run outside any ``with``; after ``detach`` the
     ranks draw their local masks again (so rank 1's output is no longer one process's)."""
-    model = _model()
-    x, up = _block_inputs(None)
-    x.requires_grad_()
-    torch.manual_seed(SEED)
-    out = model(x)
-    out.backward(up)
+    out, x_grad = _one_process_block()
     for r, got in enumerate(ranks):
         for reentrant in (False, True):
             y, grad = got["attached"][reentrant]
             what = f"rank {r}, use_reentrant={reentrant}"
-            _bitwise(y, _rows(out.detach(), r), f"{what}: output")
-            _bitwise(grad, _rows(x.grad, r), f"{what}: input gradient")
+            _bitwise(y, _rows(out, r), f"{what}: output")
+            _bitwise(grad, _rows(x_grad, r), f"{what}: input gradient")
         assert got["attached"]["active_after"] == 0, "a hook left the block active"
-    assert not torch.equal(ranks[1]["attached"]["detached"], _rows(out.detach(), 1))
+    assert not torch.equal(ranks[1]["attached"]["detached"], _rows(out, 1))

@@ -281,20 +281,10 @@ def register() -> bool:
             )
             return wrap(out, x), replicated(pair, x.device_mesh)
         seed, offset = seed_pair(x, p, seed, offset, gen)
+        rest = (p, mask_ndim, scale_by_keep, alpha, seed, offset, gen, gshape)
         out = torch.empty_like(local)
         for slices, start in ps:
-            y, _ = func(
-                _narrow(local, slices),
-                p,
-                mask_ndim,
-                scale_by_keep,
-                alpha,
-                seed,
-                offset,
-                gen,
-                gshape,
-                start,
-            )
+            y, _ = func(_narrow(local, slices), *rest, start)
             _narrow(out, slices).copy_(y)
         return wrap(out, x), replicated(pair_tensor(seed, offset, local.device), x.device_mesh)
 
@@ -321,19 +311,9 @@ def register() -> bool:
             )
             return replicated(pair, x.device_mesh)
         seed, offset = seed_pair(x, p, seed, offset, gen)
+        rest = (p, mask_ndim, scale_by_keep, alpha, seed, offset, gen, gshape)
         for slices, start in ps:
-            func(
-                _narrow(local, slices),
-                p,
-                mask_ndim,
-                scale_by_keep,
-                alpha,
-                seed,
-                offset,
-                gen,
-                gshape,
-                start,
-            )
+            func(_narrow(local, slices), *rest, start)
         return replicated(pair_tensor(seed, offset, local.device), x.device_mesh)
 
     @torch.library.register_torch_dispatch("fused_dropout::dropout_backward", DTensor)

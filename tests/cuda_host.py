@@ -149,23 +149,46 @@ def build(mutations: tuple[Mutation, ...] = (), jobs: int = 2) -> HostCuda:
     Objects are cached by content, so a mutant recompiles only the file it changes.
     """
     sources = _sources()
-    unknown = {m.path for m in mutations} - {str(s.relative_to(CSRC)) for s in sources}
+    header_paths = sorted(CSRC.rglob("*.h")) + sorted(CSRC.rglob("*.cuh"))
+    # A mutated header is written to an overlay directory searched before csrc/ (the units
+    # are compiled from the cache, so no quoted include finds the original first).
+    header_text = {str(p.relative_to(CSRC)): p.read_text() for p in header_paths}
+    mutated_headers: dict[str, str] = {}
+    for m in mutations:
+        if m.path in header_text:
+            mutated_headers[m.path] = m.apply(mutated_headers.get(m.path, header_text[m.path]))
+    built = {str(s.relative_to(CSRC)) for s in sources}
+    unknown = {m.path for m in mutations} - built - set(header_text)
     if unknown:
-        raise ValueError(f"mutations of files that are not built: {sorted(unknown)}")
+        raise ValueError(
+            f"mutations of files that are neither built nor headers: {sorted(unknown)}"
+        )
     cxx = os.environ.get("CXX", "c++")
+    root = _cache()
+    overlay = []
+    if mutated_headers:
+        items = sorted(mutated_headers.items())
+        overlay_dir = root / f"overlay-{_digest(*(part for item in items for part in item))}"
+        for rel, text in items:
+            path = overlay_dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            _publish(tmp, path)
+        overlay = [f"-I{overlay_dir}"]
     include = [
+        *overlay,
         f"-I{CSRC}",
         f"-I{cuda_include()}",
         f"-I{Path(torch.__file__).parent / 'include'}",
         "-include",
         "testing/cuda_host.h",
     ]
-    headers = b"".join(
-        str(p).encode() + p.read_bytes()
-        for p in sorted(CSRC.rglob("*.h")) + sorted(CSRC.rglob("*.cuh"))
+    headers = "".join(
+        f"{p}{mutated_headers.get(rel, text)}"
+        for (rel, text), p in zip(header_text.items(), header_paths)
     )
     env = repr((CXX_FLAGS, include, cxx, torch.__version__))
-    root = _cache()
     (root / "objects").mkdir(parents=True, exist_ok=True)
 
     def compile_unit(src: Path) -> Path:

@@ -421,7 +421,7 @@ MUTATIONS = (
     ),
     cuda_host.Mutation(
         "bf16 NaN left as the hardware's",
-        KERNEL,
+        "cuda/pairs.h",
         "if (__builtin_expect(nan, 0)) {",
         "if (false) {",
     ),

@@ -19,6 +19,7 @@
 
 #include "cuda/dropout.h"
 #include "cuda/launch.h"
+#include "cuda/pairs.h"
 
 namespace fused_dropout {
 namespace {
@@ -62,13 +63,6 @@ struct DeviceStorage<DType::kFloat> : PlainStorage<float> {};
 template <>
 struct DeviceStorage<DType::kDouble> : PlainStorage<double> {};
 
-template <typename T>
-__device__ __forceinline__ uint32_t pair_bits(const T& pair) {
-  uint32_t bits;
-  memcpy(&bits, &pair, sizeof(bits));
-  return bits;
-}
-
 template <>
 struct DeviceStorage<DType::kHalf> {
   using raw = unsigned short;
@@ -96,27 +90,10 @@ struct DeviceStorage<DType::kBFloat16> {
     const uint32_t w = t.w[j / 2];
     return __uint_as_float(j % 2 == 0 ? w << 16 : w & 0xFFFF0000u);
   }
-  // The hardware's round to nearest even (a pair per instruction) equals the core's
-  // float_to_bf16_bits but for NaN, whose pattern the hardware chooses: a NaN
-  // (rare: one test per pair) becomes the core's 0x7FC0, so the CPU and GPU agree.
+  // A pair per instruction, NaN as the core's 0x7FC0 (cuda/pairs.h).
   template <typename Tile>
   static __device__ __forceinline__ void store8(const acc (&y)[kMaskPerCall], Tile& t, int lo) {
-    uint32_t* words = t.w + lo / 2;
-    bool nan = false;
-#pragma unroll
-    for (int j = 0; j < kMaskPerCall; j += 2) {
-      words[j / 2] = pair_bits(__floats2bfloat162_rn(y[j], y[j + 1]));
-      nan |= y[j] != y[j] || y[j + 1] != y[j + 1];
-    }
-    if (__builtin_expect(nan, 0)) {
-#pragma unroll
-      for (int j = 0; j < kMaskPerCall; ++j) {
-        if (y[j] != y[j]) {
-          const int shift = 16 * (j % 2);
-          words[j / 2] = (words[j / 2] & ~(0xFFFFu << shift)) | (0x7FC0u << shift);
-        }
-      }
-    }
+    round_bf16_pairs<kMaskPerCall / 2>(y, t.w + lo / 2);
   }
 };
 

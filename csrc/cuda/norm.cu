@@ -32,6 +32,7 @@
 
 #include "cuda/launch.h"
 #include "cuda/norm.h"
+#include "cuda/pairs.h"
 
 namespace fused_dropout {
 namespace {
@@ -81,8 +82,22 @@ struct Dev<DType::kBFloat16> {  // the core's conversions: a NaN becomes 0x7FC0,
 template <typename raw>
 union Chunk {
   uint4 v[kChunk * sizeof(raw) / sizeof(uint4)];
+  uint32_t w[kChunk * sizeof(raw) / sizeof(uint32_t)];
   raw e[kChunk];
 };
+
+// A chunk's results rounded to D: bf16 a pair per instruction (cuda/pairs.h), the others
+// element by element (fp16 has a one-instruction conversion).
+template <DType D>
+__device__ __forceinline__ void round_chunk(const typename Dev<D>::acc (&v)[kChunk],
+                                            Chunk<typename Dev<D>::raw>& out) {
+  if constexpr (D == DType::kBFloat16) {
+    round_bf16_pairs<kChunk / 2>(v, out.w);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) out.e[j] = Dev<D>::store(v[j]);
+  }
+}
 
 // The chunk at c0 of a row of n elements: as vectors (vector: whole and aligned), else element
 // by element up to n (the rest 0).
@@ -251,15 +266,17 @@ __device__ __forceinline__ void chunk_h(const ForwardParams<typename Dev<D>::acc
     bits = a.rows_per_sample > 0 ? sample_bits
                                  : chunk_keep(stream, p.rule, static_cast<uint64_t>(r * n + c0));
   }
-  Chunk<hraw> stored;
+  acc v[kChunk];
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
-    acc v = masked_value<false>(((bits >> j) & 1u) != 0, add_rn(S::load(x.e[j]), input_bias[j]),
-                                p.consts);
-    if (a.residual != nullptr) v = add_rn(v, Hs::load(res.e[j]));
-    stored.e[j] = Hs::store(v);
-    hv[j] = Hs::load(stored.e[j]);  // the statistics and y come from h as stored
+    v[j] = masked_value<false>(((bits >> j) & 1u) != 0, add_rn(S::load(x.e[j]), input_bias[j]),
+                               p.consts);
+    if (a.residual != nullptr) v[j] = add_rn(v[j], Hs::load(res.e[j]));
   }
+  Chunk<hraw> stored;
+  round_chunk<kWide ? DType::kFloat : D>(v, stored);
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) hv[j] = Hs::load(stored.e[j]);  // stats and y from h as stored
   if (store && a.h != nullptr) store_chunk(static_cast<hraw*>(a.h) + r * n, c0, n, vector, stored);
 }
 
@@ -276,11 +293,13 @@ __device__ __forceinline__ void chunk_y(const ForwardParams<typename Dev<D>::acc
   acc weight[kChunk], bias[kChunk];
   load_columns<D>(a.weight, a.weight_fp32, c0, n, vec_cols, acc(1), weight);
   load_columns<D>(a.bias, a.weight_fp32, c0, n, vec_cols, acc(-0.0), bias);
-  Chunk<typename S::raw> y;
+  acc out[kChunk];
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
-    y.e[j] = S::store(affine_out<true, true>(normalized<kRms>(hv[j], stats), weight[j], bias[j]));
+    out[j] = affine_out<true, true>(normalized<kRms>(hv[j], stats), weight[j], bias[j]);
   }
+  Chunk<typename S::raw> y;
+  round_chunk<D>(out, y);
   store_chunk(static_cast<typename S::raw*>(a.y) + r * n, c0, n, p.vec_rows && c0 + kChunk <= n, y);
 }
 
@@ -549,13 +568,18 @@ __global__ void __launch_bounds__(kThreads)
         if (a.dh_in != nullptr) {
           load_chunk(static_cast<const hraw*>(a.dh_in) + r * n, c0, n, vector, dh_in);
         }
-        Chunk<raw> dx;
+        acc dh[kChunk], dxv[kChunk];
 #pragma unroll
         for (int j = 0; j < kChunk; ++j) {
-          acc dh = h_gradient<kRms>(g[j], xhat[j], stats.rstd, c1[i], c2[i]);
-          if (a.dh_in != nullptr) dh = add_rn(dh, Hs::load(dh_in.e[j]));
-          grad_h.e[j] = Hs::store(dh);
-          dx.e[j] = S::store(masked_value<false>(((bits >> j) & 1u) != 0, dh, p.consts));
+          dh[j] = h_gradient<kRms>(g[j], xhat[j], stats.rstd, c1[i], c2[i]);
+          if (a.dh_in != nullptr) dh[j] = add_rn(dh[j], Hs::load(dh_in.e[j]));
+          dxv[j] = masked_value<false>(((bits >> j) & 1u) != 0, dh[j], p.consts);
+        }
+        Chunk<raw> dx;
+        if (a.grad_h != nullptr) round_chunk<kWide ? DType::kFloat : D>(dh, grad_h);
+        round_chunk<D>(dxv, dx);
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) {
           part[0][j] = add_rn(part[0][j], mul_rn(dy[j], xhat[j]));
           part[1][j] = add_rn(part[1][j], dy[j]);
           part[2][j] = add_rn(part[2][j], S::load(dx.e[j]));

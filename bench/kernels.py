@@ -40,6 +40,7 @@ import sys
 import sysconfig
 import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -520,12 +521,26 @@ def analyze(
     arch: str = "sm_80", src: Path = ROOT / "csrc", work: Path | None = None
 ) -> list[Kernel]:
     """Compile every csrc/cuda/*.cu for ``arch`` and read back each kernel's figures."""
-    kernels = []
+    return analyze_archs((arch,), src, work)[arch]
+
+
+def analyze_archs(
+    archs: tuple[str, ...], src: Path = ROOT / "csrc", work: Path | None = None
+) -> dict[str, list[Kernel]]:
+    """analyze() for several archs, with nvcc running on every core at once (one nvcc is
+    one core: each source and arch is minutes on a 2-core machine)."""
+    pairs = [(arch, source) for arch in archs for source in cuda_sources(src)]
     with tempfile.TemporaryDirectory(prefix="fd_kernels_") as tmp:
-        for source in cuda_sources(src):
-            cubin, log = compile_cubin(source, arch, Path(work or tmp), src)
-            kernels += read_cubin(arch, cubin, log, src)
-    return kernels
+        with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+            built = list(
+                pool.map(
+                    lambda pair: compile_cubin(pair[1], pair[0], Path(work or tmp), src), pairs
+                )
+            )
+        out: dict[str, list[Kernel]] = {arch: [] for arch in archs}
+        for (arch, _), (cubin, log) in zip(pairs, built):
+            out[arch] += read_cubin(arch, cubin, log, src)
+    return out
 
 
 def read_cubin(
@@ -977,7 +992,8 @@ def main(argv=None) -> int:
     if not cuda_sources(args.src):
         print(f"no CUDA sources in {args.src / 'cuda'}", file=sys.stderr)
         return 1
-    kernels = [k for arch in args.arch for k in analyze(arch, args.src)]
+    by_arch = analyze_archs(tuple(args.arch), args.src)
+    kernels = [k for arch in args.arch for k in by_arch[arch]]
     print(table(kernels, args.block))
     print()
     print(model_table(kernels, args.block))

@@ -35,8 +35,16 @@ NO_FIRST_DRAW = cuda_host.Mutation(
     "const PhiloxBlock b = {{0x3C6EF372u, 0xA54FF53Au, 0x510E527Fu, 0x9B05688Cu}};",
 )
 
-# One compile per arch for the whole module (each is minutes on 2 cores).
-analyzed = functools.cache(kernels.analyze)
+
+# One compile per arch for the whole module, every arch at once (each is minutes on 2 cores).
+@functools.cache
+def _analyzed_archs() -> dict[str, list[kernels.Kernel]]:
+    return kernels.analyze_archs(kernels.ARCHS)
+
+
+def analyzed(arch: str) -> list[kernels.Kernel]:
+    return _analyzed_archs()[arch]
+
 
 needs_tools = pytest.mark.skipif(
     kernels.find_tool("nvcc") is None or kernels.find_tool("cuobjdump") is None,
@@ -159,10 +167,10 @@ def test_norm_model_finds_the_vector_paths_of_the_norm_kernels():
     """bench/kernels.py's model of norm.cu (issue 18): the LayerNorm forward (h kept in
     registers) and backward of fp32, fp16 and bf16 each have a vector path at every hidden size
     from 768 to 8192, the forward's with one Philox call per 8 elements. fp32 is memory-bound
-    on an H200 with at least 1.5x headroom. fp16/bf16 miss that goal (about 0.8-1.1x: the
-    integer work per element and bf16's software rounding bound them, README); the floor
-    below keeps them from getting worse unnoticed. A static model of the SASS, not a
-    measurement."""
+    on an H200 with at least 1.5x headroom. fp16/bf16 miss that goal (about 0.9-1.1x: the
+    integer work per element bounds them, README); the floor below (their figures since
+    the bf16 pair rounding are 0.91-1.09x) keeps them from getting worse unnoticed. A static
+    model of the SASS, not a measurement."""
     found = analyzed("sm_90")
     norms = {k.name: k for k in found if kernels.is_modelled_norm(k)}
     assert sorted(norms) == sorted(
@@ -178,5 +186,5 @@ def test_norm_model_finds_the_vector_paths_of_the_norm_kernels():
             # a whole turn of the row loop was found, not a fragment or several turns
             assert 20 < instrs < 200, (name, cols, instrs)
             headroom = kernels.norm_bounds(k, h200, cols).headroom
-            floor = 1.5 if "<float" in name else 0.7
+            floor = 1.5 if "<float" in name else 0.85
             assert headroom >= floor, (name, cols, headroom)

@@ -70,12 +70,12 @@ struct Dev<DType::kHalf> {
     return __half_as_ushort(__float2half_rn(v));
   }
 };
+// bf16 is stored by pairs (round_chunk); a NaN becomes 0x7FC0, as on the CPU.
 template <>
-struct Dev<DType::kBFloat16> {  // the core's conversions: a NaN becomes 0x7FC0, as on the CPU
+struct Dev<DType::kBFloat16> {
   using raw = unsigned short;
   using acc = float;
   static __device__ __forceinline__ acc load(raw v) { return bf16_bits_to_float(v); }
-  static __device__ __forceinline__ raw store(acc v) { return float_to_bf16_bits(v); }
 };
 
 // One chunk (kChunk elements) of an operand: 16-byte vectors or elements.

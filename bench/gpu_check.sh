@@ -8,7 +8,8 @@
 # Steps, each logged to OUT_DIR/<step>.log, with rc and seconds in OUT_DIR/summary.txt:
 #   env        nvidia-smi, torch, nvcc, compute-sanitizer versions
 #   build      the extension for the visible GPU (TORCH_CUDA_ARCH_LIST honoured), timed
-#   test_cuda  pytest tests/test_cuda.py tests/test_norm_cuda.py (junit XML beside it)
+#   test_cuda  pytest tests/test_cuda.py tests/test_norm_cuda.py and the Megatron-style RNG
+#              tracker fork test of tests/test_dropout.py (junit XML beside it)
 #   memcheck   compute-sanitizer --tool memcheck over bench/gpu_variants.py (every variant)
 #   racecheck  compute-sanitizer --tool racecheck over the same script
 #   norm_memcheck, norm_racecheck  the same tools over tests/test_norm_cuda.py (fp32 and bf16 cases)
@@ -71,6 +72,7 @@ print(f'built in {time.perf_counter() - t:.1f} s: {path}')
 assert _loader.built_with_cuda(), 'the extension was built without its CUDA kernels'
 "
 step test_cuda 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_norm_cuda.py \
+  tests/test_dropout.py::test_ops_follow_a_megatron_style_rng_tracker_fork \
   --junitxml="$OUT/test_cuda.xml"
 if [ -n "$SANITIZER" ]; then
   for tool in memcheck racecheck; do

@@ -9,6 +9,7 @@ alpha map checked also against torch's formula evaluated in double.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
@@ -1166,3 +1167,46 @@ def test_torch_export_keeps_the_op_and_matches_eager():
     got = exported.module()(x)
     torch.manual_seed(0)
     assert_bitwise(got, model(x))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
+def test_ops_follow_a_megatron_style_rng_tracker_fork(device):
+    """Megatron's ``CudaRNGStatesTracker.fork()`` swaps the default generator's state for a
+    tracked one around a region, saves it back and restores the default (issue 17). Our ops
+    draw from whatever state is current: inside the fork they continue the tracked stream,
+    outside it the default one, untouched."""
+    rng = torch.cuda if device == "cuda" else torch
+    x = torch.randn(4099, device=device)
+
+    @contextlib.contextmanager
+    def fork(states: dict, name: str):
+        default = rng.get_rng_state()
+        rng.set_rng_state(states[name])
+        try:
+            yield
+        finally:
+            states[name] = rng.get_rng_state()
+            rng.set_rng_state(default)
+
+    rng.manual_seed(1234)
+    states = {"model-parallel-rng": rng.get_rng_state()}
+    rng.manual_seed(0)
+    default = rng.get_rng_state()
+    with fork(states, "model-parallel-rng"):
+        a = FD.dropout(x, 0.5)
+    with fork(states, "model-parallel-rng"):
+        b = FD.dropout(x, 0.5)
+    assert torch.equal(rng.get_rng_state(), default)  # the default stream did not move
+    assert not torch.equal(a, b)  # the tracked state advanced inside the first fork
+    rng.manual_seed(1234)  # the tracked stream, replayed without any fork
+    assert torch.equal(FD.dropout(x, 0.5), a)
+    assert torch.equal(FD.dropout(x, 0.5), b)

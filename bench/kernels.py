@@ -19,8 +19,10 @@ backward, fp32/fp16/bf16), per hidden size from 768 to 8192: the instructions pe
 a row's turn on the vector path (one Philox call per 8 elements), against the bytes model of
 norm_bytes_per_row on an H200.
 
-``analyze`` and ``check`` are importable, so a test can assert no spills and
-vectorized I/O in the contiguous kernels: ``assert kernels.check(kernels.analyze("sm_80")) == []``.
+``analyze``, ``read_library`` and ``check`` are importable, so a test can assert no spills and
+vectorized I/O in the contiguous kernels: ``assert kernels.check(kernels.analyze("sm_80")) == []``,
+or, without compiling again, on a CUDA build's library (tests/test_kernels_static.py):
+``kernels.read_library(path)["sm_90"]``.
 """
 
 from __future__ import annotations
@@ -53,7 +55,13 @@ SM_LIMITS = {
     "sm_89": (65536, 48, 24),
     "sm_90": (65536, 64, 32),
 }
-FALLBACK_NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "--fmad=false")
+FALLBACK_NVCC_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "--expt-relaxed-constexpr",
+    "--fmad=false",
+    "--threads=0",
+)
 
 
 @dataclasses.dataclass
@@ -163,12 +171,16 @@ def _include_dirs(src: Path) -> list[str]:
     return [str(src), *torch_dirs, str(Path(cuda_home) / "include")]
 
 
-def compile_cubin(source: Path, arch: str, out_dir: Path, src: Path) -> tuple[Path, str]:
-    """nvcc -cubin for one arch; returns the cubin and ptxas's -v report."""
+def compile_cubin(
+    source: Path, arch: str, out_dir: Path, src: Path, loader_flags=None
+) -> tuple[Path, str]:
+    """nvcc -cubin for one arch; returns the cubin and ptxas's -v report. ``loader_flags``:
+    _loader_flags(), read once by a caller that compiles from several threads (reading them
+    imports a module, which must not race with another thread doing the same)."""
     nvcc = find_tool("nvcc")
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (set CUDA_HOME)")
-    flags, define = _loader_flags()
+    flags, define = loader_flags or _loader_flags()
     cubin = out_dir / f"{source.stem}.{arch}.cubin"
     cmd = [
         nvcc,
@@ -530,11 +542,13 @@ def analyze_archs(
     """analyze() for several archs, with nvcc running on every core at once (one nvcc is
     one core: each source and arch is minutes on a 2-core machine)."""
     pairs = [(arch, source) for arch in archs for source in cuda_sources(src)]
+    flags = _loader_flags()
     with tempfile.TemporaryDirectory(prefix="fd_kernels_") as tmp:
         with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
             built = list(
                 pool.map(
-                    lambda pair: compile_cubin(pair[1], pair[0], Path(work or tmp), src), pairs
+                    lambda pair: compile_cubin(pair[1], pair[0], Path(work or tmp), src, flags),
+                    pairs,
                 )
             )
         out: dict[str, list[Kernel]] = {arch: [] for arch in archs}
@@ -547,10 +561,40 @@ def read_cubin(
     arch: str, cubin: Path, ptxas_log: str = "", src: Path = ROOT / "csrc"
 ) -> list[Kernel]:
     """Each kernel's figures from a cubin of ``arch`` (and ptxas -v's report, if any)."""
+    return _read_dumps(
+        arch,
+        _cuobjdump(cubin, "--dump-resource-usage"),
+        _cuobjdump(cubin, "--dump-sass"),
+        ptxas_log,
+        src,
+    )
+
+
+def read_library(library: Path, src: Path = ROOT / "csrc") -> dict[str, list[Kernel]]:
+    """Each kernel's figures, per arch, from a built extension's fatbin (its ELF code, not its
+    PTX): what a CUDA build ships, read without compiling again. Spills show as local memory
+    (there is no ptxas -v report to read)."""
+    usage = _elf_sections(_cuobjdump(library, "--dump-resource-usage"))
+    sass = _elf_sections(_cuobjdump(library, "--dump-sass"))
+    return {arch: _read_dumps(arch, usage[arch], sass.get(arch, ""), "", src) for arch in usage}
+
+
+def _elf_sections(dump: str) -> dict[str, str]:
+    """arch -> the text of every 'Fatbin elf code' section of that arch in a cuobjdump dump."""
+    out: dict[str, str] = {}
+    for part in re.split(r"^Fatbin (?=(?:elf|ptx) code:)", dump, flags=re.MULTILINE)[1:]:
+        arch = re.search(r"^arch = (\w+)", part, re.MULTILINE)
+        if part.startswith("elf code:") and arch:
+            out[arch[1]] = out.get(arch[1], "") + part
+    return out
+
+
+def _read_dumps(
+    arch: str, usage_text: str, sass_text: str, ptxas_log: str, src: Path
+) -> list[Kernel]:
     ptxas = parse_ptxas(ptxas_log)
-    usage = parse_resource_usage(_cuobjdump(cubin, "--dump-resource-usage"))
-    text = _cuobjdump(cubin, "--dump-sass")
-    sass, functions = parse_sass(text), sass_functions(text)
+    usage = parse_resource_usage(usage_text)
+    sass, functions = parse_sass(sass_text), sass_functions(sass_text)
     short = demangle(list(usage), src)
     kernels = []
     for mangled, res in usage.items():

@@ -9,6 +9,7 @@
   them; ``-m 'not slow'`` leaves them out. Marker ``cpu_paths``: a test that compares kernel
   output bit for bit runs once on each CPU path (default, avx2, avx512) this CPU can run, from
   the one build (ids ``cpu_<path>``).
+- The whole suite runs on two processes (pytest-xdist, whole files each; see WORKERS).
 - Fixtures: ``device`` ("cpu", and "cuda" marked ``gpu``), ``extension_built_with_cuda``.
 """
 
@@ -67,6 +68,28 @@ def _describe_build() -> list[str]:
         first = text.splitlines()[0] if text else ""
         _summary.append(f"fused_dropout extension NOT LOADED: {type(e).__name__}: {first}")
     return _summary
+
+
+# The whole suite (no paths named) runs on two worker processes, each taking whole files (a
+# file's module-scoped builds run once): CI's 2 cores. Named files or tests, `-n N` (0: one
+# process) or a missing pytest-xdist run as asked.
+WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    if (
+        config.args_source == pytest.Config.ArgsSource.ARGS
+        or not config.pluginmanager.hasplugin("xdist")
+        or config.getoption("numprocesses", None) is not None
+        or config.getoption("dist", "no") != "no"
+        or config.getoption("collectonly")
+        or hasattr(config, "workerinput")
+    ):
+        return
+    config.option.numprocesses = WORKERS
+    config.option.dist = "loadfile"
+    config.option.tx = ["popen"] * WORKERS
 
 
 def pytest_report_header(config):

@@ -135,7 +135,14 @@ def cpu_path(request):
         ops.set_cpu_capability(previous)
 
 
+# The files that take longest (builds), started first so that no worker is left with one of
+# them at the end.
+SLOWEST_FILES = ("test_kernels_static.py", "test_wheel.py", "test_build.py", "test_cuda_host.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: else as found
     if HAS_GPU:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

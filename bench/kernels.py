@@ -972,15 +972,19 @@ def is_contiguous(k: Kernel) -> bool:
 
 
 def check(kernels: list[Kernel], contiguous=is_contiguous) -> list[str]:
-    """Violations of DESIGN.md s.7: spills anywhere; scalar I/O in a contiguous kernel; an
+    """Violations of DESIGN.md s.7: spills or a stack frame anywhere (from a library, with
+    no ptxas report, a spill shows as local memory); scalar I/O in a contiguous kernel; an
     element-wise kernel without a steady-state path, or whose path does not run one Philox
     call per 8 elements (19-20 multiplies each: see steady_state_path) or can skip them
     otherwise than by the p == 0 test; a subroutine call (a 64-bit division, say) in a
     steady-state loop the model counts."""
     problems = []
     for k in kernels:
-        if k.spill_bytes or k.local:
-            problems.append(f"{k.arch} {k.name}: {k.spill_bytes} B spilled, {k.local} B local")
+        if k.spill_bytes or k.local or k.stack:
+            problems.append(
+                f"{k.arch} {k.name}: {k.spill_bytes} B spilled, {k.local} B local, "
+                f"{k.stack} B stack"
+            )
         flags = kernel_flags(k.name)
         if flags and flags[1]:
             calls = TILE[flags[0]] // MASK_PER_CALL

@@ -86,13 +86,12 @@ def test_forced_cuda_build_of_the_package_links_sm80_sm90(cuda_build, analyzed):
 
 @pytest.mark.parametrize("arch", kernels.ARCHS)
 def test_kernels_do_not_spill_and_use_vector_io(analyzed, arch):
-    """kernels.check: no spills (local memory), 16-byte I/O; contract v2's one Philox call per
-    8 mask elements on each element-wise kernel's steady-state path (a tile of 16 fp16/bf16 or
-    8 fp32/fp64 elements: 2 or 1 calls), which only its p == 0 test skips."""
+    """kernels.check: no spills (local memory) or stack frame, 16-byte I/O; contract v2's one
+    Philox call per 8 mask elements on each element-wise kernel's steady-state path (a tile of
+    16 fp16/bf16 or 8 fp32/fp64 elements: 2 or 1 calls), which only its p == 0 test skips."""
     found = analyzed[arch]
     assert found, "no kernels in the library"
     assert kernels.check(found) == []
-    assert all(k.stack == 0 and k.local == 0 for k in found)  # no stack frame either
     # every kernel draws its mask, but norm.cu's column totals (sums of partials: no mask)
     drawing = [k for k in found if "column_totals" not in k.name]
     assert len(drawing) < len(found) and all(k.philox_calls >= 1 for k in drawing)

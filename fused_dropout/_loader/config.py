@@ -40,7 +40,7 @@ AOT_CXX_FLAGS = CXX_FLAGS + ("-g0",)
 KERNEL_FLAGS = OPT_FLAGS + ("-std=c++17", "-fPIC", "-Wno-psabi")
 #: Never --use_fast_math. --fmad=false: no mul+add contraction into FMA in device code, so the
 #: fused ops round like the CPU code (built with -ffp-contract=off); the kernels are memory-bound.
-#: --threads=0: the archs of a .cu file compile in parallel (norm.cu is about a minute an arch).
+#: --threads=0: the archs of a .cu file compile in parallel (norm.cu, sm_80 + sm_90: 100 s -> 43 s).
 NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "--fmad=false", "--threads=0")
 LD_FLAGS = ("-fopenmp",)
 CUDA_DEFINE = "-DFUSED_DROPOUT_WITH_CUDA"

@@ -538,6 +538,39 @@ def test_bitwise_options(variant, dtype):
     _op_case((4, 6, 40), dtype, **variant)
 
 
+@pytest.mark.cpu_paths
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(per_sample=True),
+        dict(residual=False),
+        dict(weight=False, bias=False, input_bias=False),
+        dict(p=0.0),
+        dict(p=1.0),
+        dict(special=True),
+        dict(seed_offset=(2**64 - 1, 2**62)),
+    ],
+    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) or "default",
+)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_bitwise_vector_rows(variant, dtype, rms):
+    """Rows of a multiple of 64 elements in fp32 and bf16 take the vector rows of the SIMD
+    paths (cpu/norm.cpp: keep bits as masks); rows of 192 share Philox blocks."""
+    _op_case((5, 3, 192), dtype, rms=rms, **variant)
+    if dtype == torch.bfloat16:
+        _op_case((5, 3, 192), dtype, rms=rms, residual_in_fp32=True, **variant)
+
+
+@pytest.mark.slow
+@pytest.mark.cpu_paths
+@pytest.mark.parametrize("dtype, rows", [(torch.float32, 2752), (torch.bfloat16, 5472)])
+def test_bitwise_streaming_stores(dtype, rows):
+    """Outputs over 8 MiB (cpu/norm.cpp's kStreamBytes) are written with non-temporal stores."""
+    _op_case((rows, 768), dtype)
+
+
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 @pytest.mark.parametrize("keep_h", [False, True], ids=["y", "y_and_h"])
 @pytest.mark.parametrize("memory_efficient", [False, True], ids=["save_h", "save_y"])

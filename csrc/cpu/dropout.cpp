@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "cpu/keep_bits.h"
+#include "cpu/vec.h"
 
 namespace fused_dropout {
 namespace FD_CPU_NS {  // a kernel file (cpu/capability.h): compiled once per CPU capability
@@ -46,67 +47,6 @@ struct Storage<Half> {
 };
 
 #ifdef FD_CPU_BLOCK_KERNEL
-// A full batch of fp32 or bf16 elements with masked multiplies straight from the
-// keep bits: masked_value's arithmetic without the keep-byte array (kept:
-// x * scale; dropped: +0 by the zeroing mask; then + residual) and the core's
-// bf16 rounding (nearest even, NaN -> 0x7FC0). The reference tests compare it
-// bit for bit like every other path.
-#if defined(FD_CPU_AVX512)
-using FVec = __m512;
-constexpr int kVecLanes = 16;
-inline FVec load_vec(const float* p) { return _mm512_loadu_ps(p); }
-inline FVec load_vec(const uint16_t* p) {
-  const __m512i wide =
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-inline void store_vec(float* p, FVec v) { _mm512_storeu_ps(p, v); }
-inline void store_vec(uint16_t* p, FVec v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  const __m512i r =
-      _mm512_mask_mov_epi32(_mm512_srli_epi32(biased, 16), nan, _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-}
-inline FVec add_vec(FVec a, FVec b) { return _mm512_add_ps(a, b); }
-// Lanes of `bits` (16 keep bits) set: v * s; the others +0.
-inline FVec keep_mul(uint32_t bits, FVec v, FVec s) {
-  return _mm512_maskz_mul_ps(static_cast<__mmask16>(bits), v, s);
-}
-inline FVec splat(float f) { return _mm512_set1_ps(f); }
-#else
-using FVec = __m256;
-constexpr int kVecLanes = 8;
-inline FVec load_vec(const float* p) { return _mm256_loadu_ps(p); }
-inline FVec load_vec(const uint16_t* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-inline void store_vec(float* p, FVec v) { _mm256_storeu_ps(p, v); }
-inline void store_vec(uint16_t* p, FVec v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i biased = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  const __m256i r =
-      _mm256_blendv_epi8(_mm256_srli_epi32(biased, 16), _mm256_set1_epi32(0x7FC0), nan);
-  const __m128i packed =
-      _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-inline FVec add_vec(FVec a, FVec b) { return _mm256_add_ps(a, b); }
-// Lanes of `bits` (8 keep bits) set: v * s; the others +0.
-inline FVec keep_mul(uint32_t bits, FVec v, FVec s) {
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i set =
-      _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit), bit);
-  return _mm256_and_ps(_mm256_castsi256_ps(set), _mm256_mul_ps(v, s));
-}
-inline FVec splat(float f) { return _mm256_set1_ps(f); }
-#endif
-
 template <typename scalar_t>
 constexpr bool kBlockKernel = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>;
 

@@ -228,6 +228,30 @@ class KeepRange {
   alignas(64) uint8_t block_[kBlock];
 };
 
+// The 64 keep bits of mask elements m .. m + 63 (m a multiple of 64; bit j: element m + j),
+// from whole blocks drawn at multiples of kBlock, the last one kept: rows of a multiple of
+// 64 elements, taken in order, draw each block once.
+class KeepWords {
+ public:
+  KeepWords(const LaneStream& stream, const MaskedAffine& affine)
+      : stream_(stream), affine_(affine) {}
+
+  uint64_t at(int64_t m) {
+    const int64_t b0 = m / kBlock * kBlock;
+    if (b0 != cached_) {
+      bits_ = keep_bits(stream_, affine_, b0);
+      cached_ = b0;
+    }
+    return bits_.w[(m - b0) / 64];
+  }
+
+ private:
+  const LaneStream& stream_;
+  const MaskedAffine& affine_;
+  int64_t cached_ = -1;
+  KeepBits bits_;
+};
+
 }  // namespace
 }  // namespace FD_CPU_NS
 }  // namespace fused_dropout

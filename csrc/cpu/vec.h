@@ -1,0 +1,128 @@
+// One SIMD register of fp32 lanes (AVX-512: 16, AVX2: 8) for the block kernels of
+// cpu/dropout.cpp and cpu/norm.cpp: fp32 and bf16 loads and stores, and masked multiplies
+// straight from the keep bits (cpu/keep_bits.h). Each function is the core's per-element
+// arithmetic on every lane (IEEE adds and multiplies, no contraction; the core's bf16
+// rounding: nearest even, NaN -> 0x7FC0), so the reference tests compare these paths bit for
+// bit like every other one. Include it from kernel files only (cpu/capability.h).
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/keep_bits.h"
+
+namespace fused_dropout {
+namespace FD_CPU_NS {
+namespace {
+
+#ifdef FD_CPU_BLOCK_KERNEL
+#if defined(FD_CPU_AVX512)
+using FVec = __m512;
+using IVec = __m512i;
+constexpr int kVecLanes = 16;
+inline FVec load_vec(const float* p) { return _mm512_loadu_ps(p); }
+inline FVec load_vec(const uint16_t* p) {
+  const __m512i wide =
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+// The bf16 bits of each lane (in its low half).
+inline IVec bf16_bits(FVec v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_mov_epi32(_mm512_srli_epi32(biased, 16), nan, _mm512_set1_epi32(0x7FC0));
+}
+using HalfVec = __m256i;  // the low halves of a vector's lanes, packed
+inline HalfVec pack_halves(IVec low) { return _mm512_cvtepi32_epi16(low); }
+inline void store_halves(uint16_t* p, IVec low) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack_halves(low));
+}
+inline void stream_halves(uint16_t* p, IVec low) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack_halves(low));
+}
+inline FVec from_halves(IVec low) { return _mm512_castsi512_ps(_mm512_slli_epi32(low, 16)); }
+inline IVec high_halves(FVec v) { return _mm512_srli_epi32(_mm512_castps_si512(v), 16); }
+inline void store_vec(float* p, FVec v) { _mm512_storeu_ps(p, v); }
+inline void stream_vec(float* p, FVec v) { _mm512_stream_ps(p, v); }
+inline FVec add_vec(FVec a, FVec b) { return _mm512_add_ps(a, b); }
+inline FVec sub_vec(FVec a, FVec b) { return _mm512_sub_ps(a, b); }
+inline FVec mul_vec(FVec a, FVec b) { return _mm512_mul_ps(a, b); }
+inline FVec div_vec(FVec a, FVec b) { return _mm512_div_ps(a, b); }
+// Lanes of `bits` (16 keep bits) set: v * s; the others +0.
+inline FVec keep_mul(uint32_t bits, FVec v, FVec s) {
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(bits), v, s);
+}
+inline FVec splat(float f) { return _mm512_set1_ps(f); }
+#else
+using FVec = __m256;
+using IVec = __m256i;
+constexpr int kVecLanes = 8;
+inline FVec load_vec(const float* p) { return _mm256_loadu_ps(p); }
+inline FVec load_vec(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+// The bf16 bits of each lane (in its low half).
+inline IVec bf16_bits(FVec v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i biased = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(_mm256_srli_epi32(biased, 16), _mm256_set1_epi32(0x7FC0), nan);
+}
+using HalfVec = __m128i;  // the low halves of a vector's lanes, packed
+inline HalfVec pack_halves(IVec low) {
+  return _mm_packus_epi32(_mm256_castsi256_si128(low), _mm256_extracti128_si256(low, 1));
+}
+inline void store_halves(uint16_t* p, IVec low) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack_halves(low));
+}
+inline void stream_halves(uint16_t* p, IVec low) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), pack_halves(low));
+}
+inline FVec from_halves(IVec low) { return _mm256_castsi256_ps(_mm256_slli_epi32(low, 16)); }
+inline IVec high_halves(FVec v) { return _mm256_srli_epi32(_mm256_castps_si256(v), 16); }
+inline void store_vec(float* p, FVec v) { _mm256_storeu_ps(p, v); }
+inline void stream_vec(float* p, FVec v) { _mm256_stream_ps(p, v); }
+inline FVec add_vec(FVec a, FVec b) { return _mm256_add_ps(a, b); }
+inline FVec sub_vec(FVec a, FVec b) { return _mm256_sub_ps(a, b); }
+inline FVec mul_vec(FVec a, FVec b) { return _mm256_mul_ps(a, b); }
+inline FVec div_vec(FVec a, FVec b) { return _mm256_div_ps(a, b); }
+// Lanes of `bits` (8 keep bits) set: v * s; the others +0.
+inline FVec keep_mul(uint32_t bits, FVec v, FVec s) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i set =
+      _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit), bit);
+  return _mm256_and_ps(_mm256_castsi256_ps(set), _mm256_mul_ps(v, s));
+}
+inline FVec splat(float f) { return _mm256_set1_ps(f); }
+#endif
+
+inline void store_vec(uint16_t* p, FVec v) { store_halves(p, bf16_bits(v)); }
+// store_vec past the caches (a non-temporal store; p aligned to the stored bytes): for
+// outputs too large to stay in them, whose writes then need no read of the line first.
+// A task that streams ends with _mm_sfence(), so the stores are seen before it returns.
+inline void stream_vec(uint16_t* p, FVec v) { stream_halves(p, bf16_bits(v)); }
+
+// Asks for the cache lines of elements [c, c + kVecLanes) of a row that a later sweep reads.
+template <typename T>
+inline void prefetch_vec(const T* row, int64_t c) {
+  const char* p = reinterpret_cast<const char*>(row + c);
+  _mm_prefetch(p, _MM_HINT_T0);
+  if constexpr (sizeof(T) * kVecLanes > 64) _mm_prefetch(p + 64, _MM_HINT_T0);
+}
+
+// v as the storage type of `p` holds it, back in fp32: bf16-rounded, or v itself.
+inline FVec round_for(const uint16_t*, FVec v) { return from_halves(bf16_bits(v)); }
+inline FVec round_for(const float*, FVec v) { return v; }
+// Stores a value that round_for(p, .) gave, with no second rounding.
+inline void store_rounded(uint16_t* p, FVec v) { store_halves(p, high_halves(v)); }
+inline void store_rounded(float* p, FVec v) { store_vec(p, v); }
+inline void stream_rounded(uint16_t* p, FVec v) { stream_halves(p, high_halves(v)); }
+inline void stream_rounded(float* p, FVec v) { stream_vec(p, v); }
+#endif
+
+}  // namespace
+}  // namespace FD_CPU_NS
+}  // namespace fused_dropout

@@ -207,13 +207,10 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
   constexpr uint32_t kLaneBits = (1u << kVecLanes) - 1;
   // Sweep 1: h, stored and kept as stored, added into S(h) or S(h^2).
   const FVec zero = splat(0.0f);
-  const auto clear = [&] {
-    for (int64_t i = 0; i < groups * kStripe; i += kVecLanes) store_vec(sum + i, zero);
-  };
-  clear();
   for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
     float* __restrict stripe = sum + s % groups * kStripe - s0;  // indexed by column
     const int64_t end = std::min(cols, s0 + kStripe);
+    const bool first = s < groups;  // the group's first stripe: its accumulators start at +0
     for (int64_t c = s0; c < end; c += kVectorRowMultiple) {
       const uint64_t bits = a.rows_per_sample > 0 ? sample_word : words.at(r * cols + c);
       for (int q = 0; q < kVectorRowMultiple / kVecLanes; ++q) {
@@ -224,7 +221,8 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
         t = round_for(h, t);
         if constexpr (kStoreH) store_rounded(h + e, t);
         store_vec(hs + e, t);
-        store_vec(stripe + e, add_vec(load_vec(stripe + e), kRms ? mul_vec(t, t) : t));
+        const FVec before = first ? zero : load_vec(stripe + e);
+        store_vec(stripe + e, add_vec(before, kRms ? mul_vec(t, t) : t));
       }
     }
   }
@@ -236,13 +234,13 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
     // Sweep 2: S((h - mean)^2).
     stats.mean = row_mean(stripe_tree(sum, groups), cols);
     const FVec mean = splat(stats.mean);
-    clear();
     for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
       float* __restrict stripe = sum + s % groups * kStripe - s0;
       const int64_t end = std::min(cols, s0 + kStripe);
+      const bool first = s < groups;
       for (int64_t c = s0; c < end; c += kVecLanes) {
         const FVec d = sub_vec(load_vec(hs + c), mean);
-        store_vec(stripe + c, add_vec(load_vec(stripe + c), mul_vec(d, d)));
+        store_vec(stripe + c, add_vec(first ? zero : load_vec(stripe + c), mul_vec(d, d)));
       }
     }
     stats.rstd = row_rstd(stripe_tree(sum, groups), cols, eps);
@@ -308,20 +306,17 @@ void backward_row_vector(const NormBackwardArgs& a, const VectorBackwardArgs& v,
   };
   // Sweep 1: S(g * xhat), S(g) and the column partials.
   const FVec zero = splat(0.0f);
-  for (int64_t i = 0; i < groups * kStripe; i += kVecLanes) {
-    store_vec(v.sum_gx + i, zero);
-    if constexpr (!kRms) store_vec(v.sum_g + i, zero);
-  }
   for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
     float* __restrict agx = v.sum_gx + s % groups * kStripe - s0;  // indexed by column
     float* __restrict ag = v.sum_g + s % groups * kStripe - s0;
     const int64_t end = std::min(cols, s0 + kStripe);
+    const bool first = s < groups;  // the group's first stripe: its accumulators start at +0
     for (int64_t c = s0; c < end; c += kVecLanes) {
       const FVec xh = xhat_at(c);
       const FVec d = load_vec(dy + c);
       const FVec g = mul_vec(d, load_vec(v.weight + c));
-      store_vec(agx + c, add_vec(load_vec(agx + c), mul_vec(g, xh)));
-      if constexpr (!kRms) store_vec(ag + c, add_vec(load_vec(ag + c), g));
+      store_vec(agx + c, add_vec(first ? zero : load_vec(agx + c), mul_vec(g, xh)));
+      if constexpr (!kRms) store_vec(ag + c, add_vec(first ? zero : load_vec(ag + c), g));
       store_vec(v.p_weight + c, add_vec(load_vec(v.p_weight + c), mul_vec(d, xh)));
       store_vec(v.p_bias + c, add_vec(load_vec(v.p_bias + c), d));
     }
@@ -390,8 +385,9 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Lane
   using T = std::true_type;
   using F = std::false_type;
   parallel_for(0, a.rows, grain, [&](int64_t r0, int64_t r1) {
-    Vector<acc> hv(cols);                       // h as stored, in the compute type
-    alignas(64) acc sum[kMaxGroups * kStripe];  // the contract's stripe accumulators
+    Vector<acc> hv(cols);  // h as stored, in the compute type
+    // The contract's stripe accumulators; those past a row shorter than a stripe stay +0.
+    alignas(64) acc sum[kMaxGroups * kStripe] = {};
     KeepRange range(stream, a.affine);
 #ifdef FD_CPU_BLOCK_KERNEL
     if constexpr (kVectorRows<D>) {
@@ -530,7 +526,7 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a, const La
   // as the contract's reference, so the bits are those of core/norm.h's sums.
   parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     const int groups = norm_groups(cols);
-    alignas(64) acc sum_gx[kMaxGroups * kStripe], sum_g[kMaxGroups * kStripe];
+    alignas(64) acc sum_gx[kMaxGroups * kStripe] = {}, sum_g[kMaxGroups * kStripe] = {};
     KeepRange range(stream, a.affine);
 #ifdef FD_CPU_BLOCK_KERNEL
     if constexpr (kVectorRows<D>) {

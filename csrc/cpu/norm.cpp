@@ -186,6 +186,13 @@ struct VectorRowArgs {
 // with streaming ones; bf16 (6 MiB of y) 1.01-1.20x either way.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
+// The keep bits of a row of a per-sample mask: its sample's flag for every element.
+uint64_t sample_keep_word(KeepRange& samples, int64_t r, int64_t rows_per_sample) {
+  uint8_t keep;
+  samples.flags(r / rows_per_sample, 1, &keep);
+  return keep ? ~uint64_t(0) : 0;
+}
+
 template <bool kRms, bool kResidual, bool kStoreH, typename raw, typename hraw>
 void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_t r,
                         KeepWords& words, KeepRange& samples) {
@@ -197,13 +204,12 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
   hraw* __restrict h = kStoreH ? static_cast<hraw*>(a.h) + r * cols : nullptr;
   float* __restrict hs = v.h_row;
   float* __restrict sum = v.sum;
+  const float* __restrict w = v.weight;
+  const float* __restrict bias = v.bias;
+  const float* __restrict input_bias = v.input_bias;
   const FVec scale = splat(AffineConsts<float>::make(a.affine).scale);
-  uint64_t sample_word = 0;
-  if (a.rows_per_sample > 0) {
-    uint8_t keep;
-    samples.flags(r / a.rows_per_sample, 1, &keep);
-    sample_word = keep ? ~uint64_t(0) : 0;
-  }
+  const bool per_sample = a.rows_per_sample > 0;
+  const uint64_t sample_word = per_sample ? sample_keep_word(samples, r, a.rows_per_sample) : 0;
   constexpr uint32_t kLaneBits = (1u << kVecLanes) - 1;
   // Sweep 1: h, stored and kept as stored, added into S(h) or S(h^2).
   const FVec zero = splat(0.0f);
@@ -212,10 +218,10 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
     const int64_t end = std::min(cols, s0 + kStripe);
     const bool first = s < groups;  // the group's first stripe: its accumulators start at +0
     for (int64_t c = s0; c < end; c += kVectorRowMultiple) {
-      const uint64_t bits = a.rows_per_sample > 0 ? sample_word : words.at(r * cols + c);
+      const uint64_t bits = per_sample ? sample_word : words.at(r * cols + c);
       for (int q = 0; q < kVectorRowMultiple / kVecLanes; ++q) {
         const int64_t e = c + q * kVecLanes;
-        const FVec in = add_vec(load_vec(x + e), load_vec(v.input_bias + e));
+        const FVec in = add_vec(load_vec(x + e), load_vec(input_bias + e));
         FVec t = keep_mul(static_cast<uint32_t>(bits >> (q * kVecLanes)) & kLaneBits, in, scale);
         if constexpr (kResidual) t = add_vec(t, load_vec(res + e));
         t = round_for(h, t);
@@ -254,7 +260,7 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
   // then finds them in cache instead of waiting on each line (compute alone between two
   // streams of loads leaves the memory idle).
   const bool next = r + 1 < a.rows;
-  const auto sweep3 = [&](auto store) {
+  const auto sweep3 = [=](auto store) {
     for (int64_t c = 0; c < cols; c += kVecLanes) {
       if (next) {
         prefetch_vec(x + cols, c);
@@ -262,7 +268,7 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
       }
       const FVec hv = load_vec(hs + c);
       const FVec xhat = mul_vec(kRms ? hv : sub_vec(hv, mean), rstd);
-      store(y + c, add_vec(mul_vec(xhat, load_vec(v.weight + c)), load_vec(v.bias + c)));
+      store(y + c, add_vec(mul_vec(xhat, load_vec(w + c)), load_vec(bias + c)));
     }
   };
   if (v.stream_y) {
@@ -279,8 +285,8 @@ struct VectorBackwardArgs {
   const float* bias;  // read only when xhat comes from y
   float* p_weight;    // the block's partial rows
   float* p_bias;
-  float* p_input_bias;
-  float* sum_gx;  // scratch: groups x kStripe accumulators each
+  float* p_input_bias;  // or null
+  float* sum_gx;        // scratch: groups x kStripe accumulators each
   float* sum_g;
   bool stream;  // grad_input and grad_h with non-temporal stores
 };
@@ -294,17 +300,21 @@ void backward_row_vector(const NormBackwardArgs& a, const VectorBackwardArgs& v,
   const raw* __restrict dy = static_cast<const raw*>(a.dy) + r * cols;
   const raw* __restrict y_saved = static_cast<const raw*>(a.saved) + r * cols;
   const hraw* __restrict h_saved = static_cast<const hraw*>(a.saved) + r * cols;
+  const float* __restrict w = v.weight;
+  const float* __restrict bias = v.bias;
   const FVec mean = splat(kRms || kFromY ? 0.0f : static_cast<const float*>(a.mean)[r]);
   const FVec rstd = splat(static_cast<const float*>(a.rstd)[r]);
-  const auto xhat_at = [&](int64_t c) {
+  const auto xhat_at = [=](int64_t c) {
     if constexpr (kFromY) {
-      return div_vec(sub_vec(load_vec(y_saved + c), load_vec(v.bias + c)), load_vec(v.weight + c));
+      return div_vec(sub_vec(load_vec(y_saved + c), load_vec(bias + c)), load_vec(w + c));
     } else {
       const FVec h = load_vec(h_saved + c);
       return mul_vec(kRms ? h : sub_vec(h, mean), rstd);
     }
   };
   // Sweep 1: S(g * xhat), S(g) and the column partials.
+  float* __restrict pw = v.p_weight;
+  float* __restrict pb = v.p_bias;
   const FVec zero = splat(0.0f);
   for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
     float* __restrict agx = v.sum_gx + s % groups * kStripe - s0;  // indexed by column
@@ -314,31 +324,29 @@ void backward_row_vector(const NormBackwardArgs& a, const VectorBackwardArgs& v,
     for (int64_t c = s0; c < end; c += kVecLanes) {
       const FVec xh = xhat_at(c);
       const FVec d = load_vec(dy + c);
-      const FVec g = mul_vec(d, load_vec(v.weight + c));
+      const FVec g = mul_vec(d, load_vec(w + c));
       store_vec(agx + c, add_vec(first ? zero : load_vec(agx + c), mul_vec(g, xh)));
       if constexpr (!kRms) store_vec(ag + c, add_vec(first ? zero : load_vec(ag + c), g));
-      store_vec(v.p_weight + c, add_vec(load_vec(v.p_weight + c), mul_vec(d, xh)));
-      store_vec(v.p_bias + c, add_vec(load_vec(v.p_bias + c), d));
+      store_vec(pw + c, add_vec(load_vec(pw + c), mul_vec(d, xh)));
+      store_vec(pb + c, add_vec(load_vec(pb + c), d));
     }
   }
   const FVec c1 = splat(row_mean(stripe_tree(v.sum_gx, groups), cols));
   const FVec c2 = splat(kRms ? 0.0f : row_mean(stripe_tree(v.sum_g, groups), cols));
   // Sweep 2: the gradients of h (+ the gradient into h itself) and of the input.
-  uint64_t sample_word = 0;
-  if (a.rows_per_sample > 0) {
-    uint8_t keep;
-    samples.flags(r / a.rows_per_sample, 1, &keep);
-    sample_word = keep ? ~uint64_t(0) : 0;
-  }
+  const bool per_sample = a.rows_per_sample > 0;
+  const uint64_t sample_word = per_sample ? sample_keep_word(samples, r, a.rows_per_sample) : 0;
   const FVec scale = splat(AffineConsts<float>::make(a.affine).scale);
   const hraw* __restrict dh_in = a.dh_in ? static_cast<const hraw*>(a.dh_in) + r * cols : nullptr;
   hraw* __restrict grad_h = kGradH ? static_cast<hraw*>(a.grad_h) + r * cols : nullptr;
   raw* __restrict grad_input = static_cast<raw*>(a.grad_input) + r * cols;
   constexpr uint32_t kLaneBits = (1u << kVecLanes) - 1;
   const bool next = r + 1 < a.rows;
-  const auto sweep2 = [&](auto store) {
+  float* __restrict pib = v.p_input_bias;
+  // By value: a load through a reference after each store would not be hoisted.
+  const auto sweep2 = [=, &words](auto store) {
     for (int64_t c = 0; c < cols; c += kVectorRowMultiple) {
-      const uint64_t bits = a.rows_per_sample > 0 ? sample_word : words.at(r * cols + c);
+      const uint64_t bits = per_sample ? sample_word : words.at(r * cols + c);
       for (int q = 0; q < kVectorRowMultiple / kVecLanes; ++q) {
         const int64_t e = c + q * kVecLanes;
         if (next) {
@@ -346,7 +354,7 @@ void backward_row_vector(const NormBackwardArgs& a, const VectorBackwardArgs& v,
           kFromY ? prefetch_vec(y_saved + cols, e) : prefetch_vec(h_saved + cols, e);
         }
         const FVec xh = xhat_at(e);
-        const FVec g = mul_vec(load_vec(dy + e), load_vec(v.weight + e));
+        const FVec g = mul_vec(load_vec(dy + e), load_vec(w + e));
         const FVec t = mul_vec(xh, c1);
         FVec dh = mul_vec(sub_vec(g, kRms ? t : add_vec(t, c2)), rstd);
         if (dh_in) dh = add_vec(dh, load_vec(dh_in + e));
@@ -355,7 +363,7 @@ void backward_row_vector(const NormBackwardArgs& a, const VectorBackwardArgs& v,
             grad_input,
             keep_mul(static_cast<uint32_t>(bits >> (q * kVecLanes)) & kLaneBits, dh, scale));
         store(grad_input + e, out);
-        store_vec(v.p_input_bias + e, add_vec(load_vec(v.p_input_bias + e), out));
+        if (pib) store_vec(pib + e, add_vec(load_vec(pib + e), out));
       }
     }
   };
@@ -532,7 +540,7 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a, const La
     if constexpr (kVectorRows<D>) {
       if (cols % kVectorRowMultiple == 0) {
         KeepWords words(stream, a.affine);
-        Vector<float> unwanted(p_weight && p_bias && p_input_bias ? 0 : cols);
+        Vector<float> unwanted(p_weight && p_bias ? 0 : cols);
         const int64_t out_bytes =
             a.rows * cols * static_cast<int64_t>(sizeof(raw) + (a.grad_h ? sizeof(hraw) : 0));
         const bool stream_out =
@@ -546,11 +554,13 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a, const La
                                        bias.data(),
                                        partial(p_weight),
                                        partial(p_bias),
-                                       partial(p_input_bias),
+                                       p_input_bias ? p_input_bias + b * cols : nullptr,
                                        sum_gx,
                                        sum_g,
                                        stream_out};
-            for (float* p : {v.p_weight, v.p_bias, v.p_input_bias}) std::fill(p, p + cols, 0.0f);
+            for (float* p : {v.p_weight, v.p_bias, v.p_input_bias}) {
+              if (p) std::fill(p, p + cols, 0.0f);
+            }
             for (int64_t r = b * kRowBlock; r < std::min(a.rows, (b + 1) * kRowBlock); ++r) {
               backward_row_vector<kRms, decltype(from_y)::value, decltype(grad_h)::value, raw,
                                   hraw>(a, v, r, words, range);

@@ -193,6 +193,40 @@ uint64_t sample_keep_word(KeepRange& samples, int64_t r, int64_t rows_per_sample
   return keep ? ~uint64_t(0) : 0;
 }
 
+// Adds value(c, q) (the vector of columns c .. c + kVecLanes - 1, the q-th of its stripe)
+// for every c of a row, in order, into the contract's stripe accumulators `sum` (groups x
+// kStripe, each starting at +0). With one group and AVX-512 a stripe's accumulators are 16
+// registers (a load and a store fewer per vector); else they live in `sum`.
+template <typename Value>
+void add_to_stripes(float* __restrict sum, int64_t cols, int groups, Value&& value) {
+  constexpr int kPerStripe = kStripe / kVecLanes;
+  const FVec zero = splat(0.0f);
+#if defined(FD_CPU_AVX512)
+  if (groups == 1) {
+    FVec acc[kPerStripe];
+    for (FVec& a : acc) a = zero;
+    for (int64_t s0 = 0; s0 < cols; s0 += kStripe) {
+      const int64_t vectors = std::min<int64_t>(kStripe, cols - s0) / kVecLanes;
+#pragma GCC unroll 16
+      for (int q = 0; q < kPerStripe; ++q) {
+        if (q < vectors) acc[q] = add_vec(acc[q], value(s0 + q * kVecLanes, q));
+      }
+    }
+    for (int q = 0; q < kPerStripe; ++q) store_vec(sum + q * kVecLanes, acc[q]);
+    return;
+  }
+#endif
+  for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
+    float* __restrict stripe = sum + s % groups * kStripe - s0;  // indexed by column
+    const int64_t end = std::min(cols, s0 + kStripe);
+    const bool first = s < groups;  // the group's first stripe: its accumulators start at +0
+    for (int64_t c = s0; c < end; c += kVecLanes) {
+      const FVec before = first ? zero : load_vec(stripe + c);
+      store_vec(stripe + c, add_vec(before, value(c, static_cast<int>((c - s0) / kVecLanes))));
+    }
+  }
+}
+
 template <bool kRms, bool kResidual, bool kStoreH, typename raw, typename hraw>
 void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_t r,
                         KeepWords& words, KeepRange& samples) {
@@ -212,26 +246,19 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
   const uint64_t sample_word = per_sample ? sample_keep_word(samples, r, a.rows_per_sample) : 0;
   constexpr uint32_t kLaneBits = (1u << kVecLanes) - 1;
   // Sweep 1: h, stored and kept as stored, added into S(h) or S(h^2).
-  const FVec zero = splat(0.0f);
-  for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
-    float* __restrict stripe = sum + s % groups * kStripe - s0;  // indexed by column
-    const int64_t end = std::min(cols, s0 + kStripe);
-    const bool first = s < groups;  // the group's first stripe: its accumulators start at +0
-    for (int64_t c = s0; c < end; c += kVectorRowMultiple) {
-      const uint64_t bits = per_sample ? sample_word : words.at(r * cols + c);
-      for (int q = 0; q < kVectorRowMultiple / kVecLanes; ++q) {
-        const int64_t e = c + q * kVecLanes;
-        const FVec in = add_vec(load_vec(x + e), load_vec(input_bias + e));
-        FVec t = keep_mul(static_cast<uint32_t>(bits >> (q * kVecLanes)) & kLaneBits, in, scale);
-        if constexpr (kResidual) t = add_vec(t, load_vec(res + e));
-        t = round_for(h, t);
-        if constexpr (kStoreH) store_rounded(h + e, t);
-        store_vec(hs + e, t);
-        const FVec before = first ? zero : load_vec(stripe + e);
-        store_vec(stripe + e, add_vec(before, kRms ? mul_vec(t, t) : t));
-      }
-    }
-  }
+  uint64_t bits = 0;  // the keep bits of columns c .. c + 63
+  add_to_stripes(sum, cols, groups, [&](int64_t c, int q) {
+    constexpr int kPerWord = kVectorRowMultiple / kVecLanes;
+    if (q % kPerWord == 0) bits = per_sample ? sample_word : words.at(r * cols + c);
+    const FVec in = add_vec(load_vec(x + c), load_vec(input_bias + c));
+    FVec t =
+        keep_mul(static_cast<uint32_t>(bits >> (q % kPerWord * kVecLanes)) & kLaneBits, in, scale);
+    if constexpr (kResidual) t = add_vec(t, load_vec(res + c));
+    t = round_for(h, t);
+    if constexpr (kStoreH) store_rounded(h + c, t);
+    store_vec(hs + c, t);
+    return kRms ? mul_vec(t, t) : t;
+  });
   const float eps = static_cast<float>(a.eps);
   RowStats<float> stats{0.0f, 0.0f};
   if constexpr (kRms) {
@@ -240,15 +267,10 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
     // Sweep 2: S((h - mean)^2).
     stats.mean = row_mean(stripe_tree(sum, groups), cols);
     const FVec mean = splat(stats.mean);
-    for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
-      float* __restrict stripe = sum + s % groups * kStripe - s0;
-      const int64_t end = std::min(cols, s0 + kStripe);
-      const bool first = s < groups;
-      for (int64_t c = s0; c < end; c += kVecLanes) {
-        const FVec d = sub_vec(load_vec(hs + c), mean);
-        store_vec(stripe + c, add_vec(first ? zero : load_vec(stripe + c), mul_vec(d, d)));
-      }
-    }
+    add_to_stripes(sum, cols, groups, [=](int64_t c, int) {
+      const FVec d = sub_vec(load_vec(hs + c), mean);
+      return mul_vec(d, d);
+    });
     stats.rstd = row_rstd(stripe_tree(sum, groups), cols, eps);
     static_cast<float*>(a.mean)[r] = stats.mean;
   }

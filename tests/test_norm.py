@@ -518,49 +518,37 @@ def test_bitwise_row_counts(rows):
     _op_case((rows, 24), torch.float32)
 
 
+OPTIONS = [
+    dict(residual=False),
+    dict(weight=False),
+    dict(weight=False, bias=False, input_bias=False),
+    dict(p=0.0),
+    dict(p=1.0),
+    dict(residual_in_fp32=True),
+    dict(special=True),
+    dict(seed_offset=(2**64 - 1, 2**62)),
+]
+
+
+def _option_id(variant: dict) -> str:
+    return "-".join(f"{k}={x}" for k, x in variant.items()) or "default"
+
+
 @pytest.mark.cpu_paths
-@pytest.mark.parametrize(
-    "variant",
-    [
-        dict(residual=False),
-        dict(weight=False),
-        dict(weight=False, bias=False, input_bias=False),
-        dict(p=0.0),
-        dict(p=1.0),
-        dict(residual_in_fp32=True),
-        dict(special=True),
-        dict(seed_offset=(2**64 - 1, 2**62)),
-    ],
-    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()),
-)
+@pytest.mark.parametrize("variant", OPTIONS, ids=_option_id)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_bitwise_options(variant, dtype):
     _op_case((4, 6, 40), dtype, **variant)
 
 
 @pytest.mark.cpu_paths
-@pytest.mark.parametrize(
-    "variant",
-    [
-        dict(),
-        dict(per_sample=True),
-        dict(residual=False),
-        dict(weight=False, bias=False, input_bias=False),
-        dict(p=0.0),
-        dict(p=1.0),
-        dict(special=True),
-        dict(seed_offset=(2**64 - 1, 2**62)),
-    ],
-    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) or "default",
-)
+@pytest.mark.parametrize("variant", [dict(), dict(per_sample=True), *OPTIONS], ids=_option_id)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 def test_bitwise_vector_rows(variant, dtype, rms):
     """Rows of a multiple of 64 elements in fp32 and bf16 take the vector rows of the SIMD
     paths (cpu/norm.cpp: keep bits as masks); rows of 192 share Philox blocks."""
     _op_case((5, 3, 192), dtype, rms=rms, **variant)
-    if dtype == torch.bfloat16:
-        _op_case((5, 3, 192), dtype, rms=rms, residual_in_fp32=True, **variant)
 
 
 @pytest.mark.slow

@@ -161,10 +161,11 @@ void dispatch(DType dtype, bool wide, bool rms, Fn&& fn) {
 }
 
 #ifdef FD_CPU_BLOCK_KERNEL
-// The vector path of the forward: fp32 and bf16 rows of a multiple of 64 elements, with the
-// keep bits as masks straight from the Philox words (no keep bytes) and the contract's
-// stripe accumulators as whole vectors. The same operations in the same order as the scalar
-// sweeps of forward_typed (each lane is one column), so the same bits.
+// The vector path of the forward and backward: fp32 and bf16 rows of a multiple of 64
+// elements, with the keep bits as masks straight from the Philox words (no keep bytes) and
+// the contract's stripe accumulators as whole vectors. The same operations in the same order
+// as the scalar sweeps of forward_typed and backward_typed (each lane is one column), so the
+// same bits.
 template <DType D>
 constexpr bool kVectorRows = D == DType::kFloat || D == DType::kBFloat16;
 constexpr int64_t kVectorRowMultiple = 64;  // one word of keep bits

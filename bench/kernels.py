@@ -389,9 +389,7 @@ def steady_state_path(
     *,
     draws: bool = True,
     exact: bool = False,
-    innermost: bool = False,
     only: list[tuple[int, int]] | None = None,
-    min_philox: int = 0,
 ) -> SteadyPath | None:
     """The instructions one thread executes per iteration of the grid-stride loop on its
     common path: of the ways round the loop (header to back edge) that issue ``loads``
@@ -404,19 +402,17 @@ def steady_state_path(
     included, without its draws: one in a correct kernel, its p == 0 test; a kernel that
     draws only in its tie branch has another, the tie test. None if no such loop.
 
-    For the norm kernels' loops: ``draws=False`` asks for a path with no Philox multiply,
-    ``exact`` for exactly ``loads`` and ``stores`` (not at least), and ``innermost`` tries the
-    narrowest loop first; ``only``: these loops (loop_edges) alone, in this order;
-    ``min_philox``: a drawing path has at least this many Philox multiplies (so a norm row's
-    element-wise draws, not its one per-sample draw)."""
+    For the norm backward's loops: ``draws=False`` asks for a path with no Philox multiply,
+    ``exact`` for exactly ``loads`` and ``stores`` (not at least); ``only``: these loops
+    (loop_edges) alone, in this order. (The norm forward has its own search:
+    norm_forward_path.)"""
     index = {a: i for i, (a, _) in enumerate(instrs)}
     back_edges = loop_edges(instrs)
     need = (loads, stores)
     cap = (loads + exact, stores + exact)  # exact: one over the count shows as over
-    enough = max(min_philox, 1)  # Philox multiplies that make a path a drawing one
-    width = (lambda e: e[1] - e[0]) if innermost else (lambda e: e[0] - e[1])
-    order = only if only is not None else sorted(back_edges, key=width)
-    for head, tail in order:  # widest loop first (innermost: last)
+    enough = 1  # Philox multiplies that make a path a drawing one
+    order = only if only is not None else sorted(back_edges, key=lambda e: e[0] - e[1])
+    for head, tail in order:  # widest loop first
         lo, hi = index[head], index[tail]
         blocks = _loop_blocks(instrs, lo, hi)
         # DP over the blocks in address order. State on entering a block: (Philox
@@ -845,6 +841,109 @@ def _count(path: SteadyPath | None) -> tuple[int, int] | None:
     return len(path.instrs), sum(opcode(i).startswith("IMAD") for i in path.instrs)
 
 
+def _is_square(ins: str) -> bool:
+    """FMUL Rd, Ra, Ra: a value times itself (the forward's squared deviations)."""
+    ops = [o.strip().removesuffix(".reuse") for o in ins.split(None, 1)[-1].split(",")]
+    return opcode(ins) == "FMUL" and len(ops) == 3 and ops[1] == ops[2] and ops[1] != "RZ"
+
+
+def _sure_loads(text: list[str]) -> int:
+    """The 16-byte loads of a block that run whatever its predicates: the unpredicated ones,
+    and of those under @P and @!P of one predicate, the fewer (one side runs)."""
+    sure, guarded = 0, Counter()
+    for ins in text:
+        if not (opcode(ins).startswith("LDG.") and ".128" in opcode(ins)):
+            continue
+        m = re.match(r"@(!?)(P\d) ", ins)
+        if m:
+            guarded[(m[2], m[1] == "!")] += 1
+        else:
+            sure += 1
+    return sure + sum(min(n, guarded[(p, True)]) for (p, neg), n in guarded.items() if not neg)
+
+
+def norm_forward_path(instrs: list[tuple[int, str]], chunks: int, vectors: int) -> SteadyPath | None:
+    """One turn of the forward's row loop (the widest loop) for rows of ``chunks`` chunks per
+    lane, each operand chunk ``vectors`` 16-byte vectors. The kernel's three sweeps branch per
+    chunk on whether the lane has it, and on which operands the call has, so the turn is pinned
+    by what the contract makes it do, not by a shortest path (which skips the middle sweep):
+      - one Philox call (19-20 multiplies) per chunk: the first sweep's draws, no tie and no
+        per-sample draw;
+      - one square (FMUL of a value by itself) per element: the middle sweep's deviations;
+      - the chunks' h stored before the row's first shuffle (the first sweep), and its y after
+        the last (the third sweep): ``chunks * vectors`` 16-byte stores each;
+      - an input and a residual read per chunk of h: ``2 * chunks * vectors`` 16-byte loads
+        issued before the first shuffle (the input bias's would be more);
+      - a weight and a bias read per chunk of y: ``2 * chunks * vectors`` 16-byte loads after
+        the last shuffle that run whatever the predicates (_sure_loads: of a weight in fp32 or
+        in the dtype, predicated both ways, one);
+    then the fewest instructions (so no input bias added, unless the compiler predicated it).
+    Predicated instructions count whether or not they run: they issue either way. The
+    residual's loads and adds are predicated, so counted."""
+    back_edges = loop_edges(instrs)
+    if not back_edges:
+        return None
+    head, tail = max(back_edges, key=lambda e: e[1] - e[0])  # the row loop: the widest
+    index = {a: i for i, (a, _) in enumerate(instrs)}
+    lo, hi = index[head], index[tail]
+    shuffles = [i for i in range(lo, hi + 1) if opcode(instrs[i][1]).startswith("SHFL")]
+    if not shuffles:
+        return None
+    first, last = shuffles[0], shuffles[-1]
+    blocks = _loop_blocks(instrs, lo, hi)
+    philox = (19 * chunks, 20 * chunks)
+    squares, stores, loads = 8 * chunks, chunks * vectors, 2 * chunks * vectors
+    # (Philox multiplies, stores before, loads before | squares | stores after, sure loads after)
+    target = (philox[1], stores, loads, squares, stores, loads)
+    # the tallies each region adds to: they are final once a path leaves it, which keeps the
+    # states few (a region's own tallies are all a state of it varies in)
+    settled = {0: 0, 1: 3, 2: 4}
+    # DP over the blocks in address order, forward edges only. State on entering a block: the
+    # tallies, each capped one past its target -> the fewest instructions reaching it and the
+    # state it came from.
+    states: dict[int, dict[tuple, tuple]] = {lo: {(0,) * len(target): (0, None)}}
+    best = None
+    for b in sorted(blocks):
+        block = blocks[b]
+        text = block.text
+        before, after = b < first, b > last
+        region = 0 if before else 2 if after else 1
+        tallies = (
+            block.philox,
+            block.stg128 if before else 0,
+            block.ldg128 if before else 0,
+            sum(_is_square(i) for i in text),
+            block.stg128 if after else 0,
+            _sure_loads(text) if after else 0,
+        )
+        final = settled[region]  # the earlier regions' tallies: the targets, or no path
+        for here, (n, _) in states.get(b, {}).items():
+            if here[1:final] != target[1:final] or (final and here[0] < philox[0]):
+                continue
+            key = tuple(min(x + d, t + 1) for x, d, t in zip(here, tallies, target))
+            if any(k > t for k, t in zip(key, target)):
+                continue  # tallies only grow
+            cost = n + len(text)
+            if block.back:
+                done = philox[0] <= key[0] and key[1:] == target[1:]
+                if done and (best is None or cost < best[0]):
+                    best = (cost, (b, here))
+                continue
+            for nxt in block.succ:
+                slot = states.setdefault(nxt, {})
+                if key not in slot or slot[key][0] > cost:
+                    slot[key] = (cost, (b, here))
+    if best is None:
+        return None
+    path, at = [], best[1]
+    while at is not None:
+        path.append(at[0])
+        at = states[at[0]][at[1]][1]
+    path.reverse()
+    text = [ins for b in path for ins in blocks[b].text]
+    return SteadyPath(text, sum(blocks[b].philox for b in path), 0)
+
+
 def norm_paths(k: Kernel, instrs: list[tuple[int, str]]) -> NormPaths | None:
     """The norm kernel's paths from its SASS, or None if one is not found. Each operand of a
     chunk (8 elements) is ``v`` 16-byte vectors: 2 for fp32, 1 for 16-bit types."""
@@ -862,12 +961,8 @@ def norm_paths(k: Kernel, instrs: list[tuple[int, str]]) -> NormPaths | None:
             chunks = cols // (NORM_STRIPE * norm_groups(cols))
             if not 1 <= chunks <= cache:
                 return None
-            # per chunk: x, residual, weight, bias read; h, y written
-            # one Philox call per chunk (19-20 multiplies), not one per-sample draw per row
             if chunks not in by_chunks:
-                io = (4 * v * chunks, 2 * v * chunks)
-                path = steady_state_path(instrs, *io, exact=True, min_philox=19 * chunks)
-                by_chunks[chunks] = _count(path)
+                by_chunks[chunks] = _count(norm_forward_path(instrs, chunks, v))
             if by_chunks[chunks] is None:
                 return None
             out.forward[cols] = by_chunks[chunks]

@@ -10,8 +10,9 @@ import dataclasses
 
 import cuda_host
 import pytest
+import reference as ref
 import torch
-from helpers import assert_bitwise, randn
+from helpers import assert_bf16_nans, assert_bitwise, bf16_with_nans, randn
 
 from fused_dropout import ops
 
@@ -56,6 +57,16 @@ class Case:
         return "-".join([dt, "x".join(map(str, self.shape)), *filter(None, flags)])
 
 
+def _tie_p(n: int, m: int, kept: bool) -> float:
+    """The p under which mask element m (of n, at SEED_OFFSET) ties the threshold's high half
+    (contract v2) and the tie draw keeps it (or not)."""
+    u = int(ref.mask_numbers(*SEED_OFFSET, n)[m])
+    v = int(ref.mask_numbers(*SEED_OFFSET, n, tie=True)[m])
+    tl = v + 1 if kept else v
+    assert 0 < tl <= 0xFFFF
+    return 1.0 - ((u << 16) | tl) / 2.0**32
+
+
 CASES = [
     # hidden sizes {1, 7, 768, 1000, 4096} in every dtype, LayerNorm and RMSNorm
     *(
@@ -88,6 +99,13 @@ CASES = [
     Case(F32, (3, 768), p=1.0),
     Case(F32, (3, 768), misalign=4),
     Case(F16, (5, 1000), misalign=2, rms=True),
+    # forced ties: an element of row 1 on the register-cached vector path, and of a swept row
+    *(
+        Case(dt, (3, 768), p=_tie_p(3 * 768, 768 + 100, kept))
+        for dt in (F16, F32)
+        for kept in (True, False)
+    ),
+    Case(BF16, (2, 16392), p=_tie_p(2 * 16392, 16392 + 9000, True)),
 ]
 
 
@@ -218,6 +236,24 @@ def test_backward_matches_cpu_op(host, case, geometry, saved_is_y):
     run_backward(host, case, geometry, saved_is_y)
 
 
+def run_bf16_nans(host: cuda_host.HostCuda):
+    case = Case(BF16, (4, 768))
+    x, r = bf16_with_nans(case.shape, 1), bf16_with_nans(case.shape, 2)
+    w, b = randn((768,), BF16, 3), randn((768,), BF16, 4)
+    want = _forward_cpu(case, x, r, w, b, None)
+    got = host.norm_forward(x, r, w, b, None, case.p, 1e-5, seed_offset=SEED_OFFSET)
+    for name, g, e in zip(("y", "h"), got.outputs, want[:2]):
+        assert_bf16_nans(g, e, f"{name} of host-executed CUDA")
+        numbers = ~e.isnan()
+        assert_bitwise(g[numbers], e[numbers], f"{name}'s numbers")
+
+
+def test_bf16_nan_h_and_y_are_0x7fc0(host):
+    """A bf16 NaN in h or y is 0x7FC0 (README) whatever NaN it came from, as from the CPU op:
+    the register-cached forward stores a row's h again, fixed, when its sums show a NaN."""
+    run_bf16_nans(host)
+
+
 # ---------------------------------------------------------------- the tests catch planted bugs
 
 KERNEL = "cuda/norm.cu"
@@ -237,8 +273,8 @@ MUTATIONS = (
     cuda_host.Mutation(
         "vector over the tail of a row",
         KERNEL,
-        "const bool vector = p.vec_rows && c0 + kChunk <= n;\n  Chunk<raw> x;",
-        "const bool vector = p.vec_rows;\n  Chunk<raw> x;",
+        "load_chunk(row.x, c0, n, kWhole || (p.vec_rows && c0 + kChunk <= n), x);",
+        "load_chunk(row.x, c0, n, kWhole || p.vec_rows, x);",
     ),
     cuda_host.Mutation(
         "column partials added in reverse block order",
@@ -253,6 +289,18 @@ MUTATIONS = (
         "static_cast<int>(left < kRowBlock / 2 ? left : kRowBlock / 2);",
     ),
     cuda_host.Mutation(
+        "tie draw ignored on the register-cached path",
+        KERNEL,
+        "if (__builtin_expect(!block_has_tie(b, rule), 1)) {",
+        "if (true) {",
+    ),
+    cuda_host.Mutation(
+        "a bf16 NaN h left as the hardware rounds it",
+        KERNEL,
+        "if (__builtin_expect(nan, 0) && row.h != nullptr) {",
+        "if (false) {",
+    ),
+    cuda_host.Mutation(
         "backward ignores the pair",
         KERNEL,
         "if (pair_in != nullptr) {",
@@ -260,7 +308,12 @@ MUTATIONS = (
     ),
 )
 # What the mutants run: a small matrix that every bug above fails.
-MUTANT_FORWARD = [Case(F32, (3, 4096)), Case(F32, (37, 20)), Case(F16, (3, 1000))]
+MUTANT_FORWARD = [
+    Case(F32, (3, 4096)),
+    Case(F32, (37, 20)),
+    Case(F16, (3, 1000)),
+    Case(F16, (3, 768), p=_tie_p(3 * 768, 768 + 100, True)),
+]
 MUTANT_BACKWARD = [Case(F32, (40, 768)), Case(F32, (37, 20))]
 
 
@@ -280,4 +333,8 @@ def test_planted_bug_is_caught(host, mutation):
                 run_backward(mutant, case, geometry, False)
             except AssertionError:
                 failures += 1
+    try:
+        run_bf16_nans(mutant)
+    except AssertionError:
+        failures += 1
     assert failures > 0, f"the planted bug {mutation.name!r} passed every case"

@@ -11,10 +11,11 @@
 // the G warps' values in shared memory (halving_tree, in place).
 //
 // Forward: a block of kWarps warps holds kWarps / G rows at a time and strides over the rows.
-// A lane keeps its h values in registers (kCache chunks: rows up to G * 2048 elements, i.e.
-// every row up to 16384) for the two statistics and y; a longer row is swept three times
-// (LayerNorm; RMSNorm twice), each sweep recomputing h from the input (the mask regenerated
-// from the pair), storing it only in the first.
+// A lane keeps its h values in registers (kCache chunks: rows of whole 16-byte chunks up to
+// G * 2048 elements, i.e. every common hidden size up to 16384; fp64 half that) for the two
+// statistics and y; any other row is swept three times (LayerNorm; RMSNorm twice), each sweep
+// recomputing h from the input (the mask regenerated from the pair), storing it only in the
+// first.
 //
 // Backward: a block takes one block of kRowBlock rows (grid-stride over the blocks). First
 // the row constants c1, c2 of its rows (kWarps / G rows at a time, the same trees), into
@@ -23,10 +24,13 @@
 // in registers, written once per chunk: the block's partial in row order. A second kernel
 // adds the partials in block order (core/norm.h's column-sum contract).
 //
-// Philox: one call per 8 mask elements (keep_bits8: the group of the chunk's first element,
-// and the next group when a row's length is not a multiple of 8 and the chunk straddles two).
+// Philox: one call per 8 mask elements. A chunk of a whole-chunk row is one counter group,
+// decided straight from its words (mask_group); otherwise keep_bits8 of the group of the
+// chunk's first element, and of the next when the chunk straddles two (chunk_keep).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <type_traits>
 
 #include <ATen/cuda/PhiloxUtils.cuh>
 
@@ -41,7 +45,9 @@ using launch::aligned16;
 
 constexpr int kWarps = 8;                  // warps of a block
 constexpr int kThreads = kWarps * kLanes;  // 256
-constexpr int kCache = 8;                  // chunks of h a forward lane keeps in registers
+// Chunks of h a forward lane keeps in registers (fp64's 8 would spill).
+template <DType D>
+constexpr int kCache = D == DType::kDouble ? 4 : 8;
 constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 
 // How a dtype is stored and converted on the GPU, element by element.
@@ -86,12 +92,33 @@ union Chunk {
   raw e[kChunk];
 };
 
-// A chunk's results rounded to D: bf16 a pair per instruction (cuda/pairs.h), the others
-// element by element (fp16 has a one-instruction conversion).
+// A chunk's elements in the compute type. bf16 from its words, two elements per word (the low
+// half shifted up, the high half masked: what bf16_bits_to_float does to each), where element
+// by element the compiler first moves each high half down.
 template <DType D>
+__device__ __forceinline__ void to_acc(const Chunk<typename Dev<D>::raw>& c,
+                                       typename Dev<D>::acc (&out)[kChunk]) {
+  if constexpr (D == DType::kBFloat16) {
+#pragma unroll
+    for (int i = 0; i < kChunk / 2; ++i) {
+      out[2 * i] = __uint_as_float(c.w[i] << 16);
+      out[2 * i + 1] = __uint_as_float(c.w[i] & 0xFFFF0000u);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) out[j] = Dev<D>::load(c.e[j]);
+  }
+}
+
+// A chunk's results rounded to D: bf16 a pair per instruction (cuda/pairs.h), the others
+// element by element (fp16 has a one-instruction conversion). kNanLater: a bf16 NaN is left as
+// the hardware rounds it, for the caller to fix (it knows of one some other way).
+template <DType D, bool kNanLater = false>
 __device__ __forceinline__ void round_chunk(const typename Dev<D>::acc (&v)[kChunk],
                                             Chunk<typename Dev<D>::raw>& out) {
-  if constexpr (D == DType::kBFloat16) {
+  if constexpr (D == DType::kBFloat16 && kNanLater) {
+    pack_bf16_pairs<kChunk / 2>(v, out.w);
+  } else if constexpr (D == DType::kBFloat16) {
     round_bf16_pairs<kChunk / 2>(v, out.w);
   } else {
 #pragma unroll
@@ -101,8 +128,8 @@ __device__ __forceinline__ void round_chunk(const typename Dev<D>::acc (&v)[kChu
 
 // The chunk at c0 of a row of n elements: as vectors (vector: whole and aligned), else element
 // by element up to n (the rest 0).
-template <typename raw>
-__device__ __forceinline__ void load_chunk(const raw* row, int64_t c0, int64_t n, bool vector,
+template <typename raw, typename I>
+__device__ __forceinline__ void load_chunk(const raw* row, I c0, int64_t n, bool vector,
                                            Chunk<raw>& dst) {
   if (vector) {
     const uint4* p = reinterpret_cast<const uint4*>(row + c0);
@@ -114,8 +141,8 @@ __device__ __forceinline__ void load_chunk(const raw* row, int64_t c0, int64_t n
   }
 }
 
-template <typename raw>
-__device__ __forceinline__ void store_chunk(raw* row, int64_t c0, int64_t n, bool vector,
+template <typename raw, typename I>
+__device__ __forceinline__ void store_chunk(raw* row, I c0, int64_t n, bool vector,
                                             const Chunk<raw>& src) {
   if (vector) {
     uint4* p = reinterpret_cast<uint4*>(row + c0);
@@ -134,13 +161,10 @@ __device__ __forceinline__ void store_chunk(raw* row, int64_t c0, int64_t n, boo
 // A [cols] vector's chunk (weight, bias, input_bias) in the compute type: in fp32 or in the
 // dtype, or `neutral` where absent (1 for a weight, -0 or +0 for a bias), as the CPU's
 // row_vector gives it.
-template <DType D, typename acc>
-__device__ __forceinline__ void load_columns(const void* p, bool fp32, int64_t c0, int64_t n,
-                                             bool vector, acc neutral, acc (&out)[kChunk]) {
-  if (p == nullptr) {
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) out[j] = neutral;
-  } else if (fp32) {
+template <DType D, typename acc, typename I>
+__device__ __forceinline__ void load_present_columns(const void* p, bool fp32, I c0,
+                                                     int64_t n, bool vector, acc (&out)[kChunk]) {
+  if (fp32) {
     Chunk<float> t;
     load_chunk(static_cast<const float*>(p), c0, n, vector, t);
 #pragma unroll
@@ -148,8 +172,17 @@ __device__ __forceinline__ void load_columns(const void* p, bool fp32, int64_t c
   } else {
     Chunk<typename Dev<D>::raw> t;
     load_chunk(static_cast<const typename Dev<D>::raw*>(p), c0, n, vector, t);
+    to_acc<D>(t, out);
+  }
+}
+template <DType D, typename acc, typename I>
+__device__ __forceinline__ void load_columns(const void* p, bool fp32, I c0, int64_t n,
+                                             bool vector, acc neutral, acc (&out)[kChunk]) {
+  if (p == nullptr) {
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) out[j] = Dev<D>::load(t.e[j]);
+    for (int j = 0; j < kChunk; ++j) out[j] = neutral;
+  } else {
+    load_present_columns<D>(p, fp32, c0, n, vector, out);
   }
 }
 
@@ -162,6 +195,32 @@ __device__ __forceinline__ uint32_t chunk_keep(const PhiloxStream& stream, const
   uint32_t bits = keep_bits8(stream, rule, g) >> shift;
   if (shift != 0) bits |= keep_bits8(stream, rule, g + 1) << (kMaskPerCall - shift);
   return bits & 0xFFu;
+}
+
+// v[j] = masked_value(keep of element j, v[j]) for a chunk whose 8 elements are counter group g
+// (a row of whole chunks). Without a tie (all but about 8 * 2^-16 of the groups) the first draw
+// decides every element straight from its number, never packed into bits: dropout.cu's path.
+template <typename acc>
+__device__ __forceinline__ void mask_group(const PhiloxStream& stream, const KeepRule& rule,
+                                           uint64_t g, const AffineConsts<acc>& consts,
+                                           acc (&v)[kChunk]) {
+  const PhiloxBlock b = stream.group(g);
+  if (__builtin_expect(!block_has_tie(b, rule), 1)) {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) v[j] = masked_value<false>(first_draw_keeps(b, j, rule), v[j], consts);
+  } else {  // the whole rule, recomputed: sharing nothing keeps it off the common path
+    const uint32_t bits = keep_bits8(stream, rule, g);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) v[j] = masked_value<false>(((bits >> j) & 1u) != 0, v[j], consts);
+  }
+}
+
+// The same from the chunk's keep bits (bit j: element j).
+template <typename acc>
+__device__ __forceinline__ void mask_bits(uint32_t bits, const AffineConsts<acc>& consts,
+                                          acc (&v)[kChunk]) {
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) v[j] = masked_value<false>(((bits >> j) & 1u) != 0, v[j], consts);
 }
 
 // Where the calling thread stands in a block of kWarps warps of which each G make one row.
@@ -233,98 +292,180 @@ struct ForwardParams {
   int groups;     // norm_groups(cols)
   bool vec_rows;  // x, residual, h, y: every row start 16-byte aligned
   bool vec_cols;  // weight, bias, input_bias 16-byte aligned
+  // how the mask is drawn: per element (p > 0), per sample (per_sample, p > 0), or not (p == 0)
+  bool draws_each, draws_per_sample;
   at::PhiloxCudaState philox;
   int64_t* pair_out;
 };
 
-// h of the chunk at c0 of row r (hv: as stored, in the compute type), stored if `store`.
-// sample_bits: the row's keep bits with per_sample (all or none), else unused.
+// One forward row: its operands from its first element, and how its chunks are masked.
 template <DType D, bool kWide>
-__device__ __forceinline__ void chunk_h(const ForwardParams<typename Dev<D>::acc>& p,
-                                        const PhiloxStream& stream, int64_t r, int64_t c0,
-                                        uint32_t sample_bits, bool store,
-                                        typename Dev<D>::acc (&hv)[kChunk]) {
-  using S = Dev<D>;
-  using Hs = Dev<kWide ? DType::kFloat : D>;
-  using raw = typename S::raw;
-  using hraw = typename Hs::raw;
-  using acc = typename S::acc;
-  const NormForwardArgs& a = p.a;
-  const int64_t n = a.cols;
-  const bool vector = p.vec_rows && c0 + kChunk <= n;
-  Chunk<raw> x;
-  load_chunk(static_cast<const raw*>(a.input) + r * n, c0, n, vector, x);
-  Chunk<hraw> res;
-  if (a.residual != nullptr) {
-    load_chunk(static_cast<const hraw*>(a.residual) + r * n, c0, n, vector, res);
+struct ForwardRow {
+  using raw = typename Dev<D>::raw;
+  using hraw = typename Dev<kWide ? DType::kFloat : D>::raw;
+  const raw* x;
+  const hraw* residual;  // or null
+  hraw* h;               // or null
+  raw* y;
+  uint64_t m0;    // the mask index of its first element
+  bool draw;      // a draw per element; else `bits` masks every chunk (p == 0, per_sample)
+  uint32_t bits;
+
+  __device__ static ForwardRow make(const NormForwardArgs& a, bool draws_each, int64_t r,
+                                    uint32_t row_bits) {
+    const int64_t at = r * a.cols;
+    return {static_cast<const raw*>(a.input) + at,
+            a.residual != nullptr ? static_cast<const hraw*>(a.residual) + at : nullptr,
+            a.h != nullptr ? static_cast<hraw*>(a.h) + at : nullptr,
+            static_cast<raw*>(a.y) + at,
+            static_cast<uint64_t>(at),
+            draws_each,
+            row_bits};
   }
-  acc input_bias[kChunk];
-  load_columns<D>(a.input_bias, false, c0, n, p.vec_cols && c0 + kChunk <= n, acc(-0.0),
-                  input_bias);
-  uint32_t bits = 0xFFu;
-  if (!a.affine.keep_all) {
-    bits = a.rows_per_sample > 0 ? sample_bits
-                                 : chunk_keep(stream, p.rule, static_cast<uint64_t>(r * n + c0));
-  }
-  acc v[kChunk];
-#pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
-    v[j] = masked_value<false>(((bits >> j) & 1u) != 0, add_rn(S::load(x.e[j]), input_bias[j]),
-                               p.consts);
-    if (a.residual != nullptr) v[j] = add_rn(v[j], Hs::load(res.e[j]));
-  }
-  Chunk<hraw> stored;
-  round_chunk<kWide ? DType::kFloat : D>(v, stored);
-#pragma unroll
-  for (int j = 0; j < kChunk; ++j) hv[j] = Hs::load(stored.e[j]);  // stats and y from h as stored
-  if (store && a.h != nullptr) store_chunk(static_cast<hraw*>(a.h) + r * n, c0, n, vector, stored);
+};
+
+// The input's chunk at c0 of a row (v, in the compute type). kWhole: the row is whole chunks of
+// 16-byte vectors (cols % 8 == 0, vec_rows, vec_cols), so a chunk is one counter group and
+// needs no bounds.
+template <DType D, bool kWide, bool kWhole, typename I>
+__device__ __forceinline__ void chunk_x(const ForwardParams<typename Dev<D>::acc>& p,
+                                        const ForwardRow<D, kWide>& row, I c0,
+                                        typename Dev<D>::acc (&v)[kChunk]) {
+  const int64_t n = p.a.cols;
+  Chunk<typename Dev<D>::raw> x;
+  load_chunk(row.x, c0, n, kWhole || (p.vec_rows && c0 + kChunk <= n), x);
+  to_acc<D>(x, v);
 }
 
-// y of the chunk at c0 of row r from its h.
-template <DType D, bool kRms>
-__device__ __forceinline__ void chunk_y(const ForwardParams<typename Dev<D>::acc>& p, int64_t r,
-                                        int64_t c0, const typename Dev<D>::acc (&hv)[kChunk],
-                                        const RowStats<typename Dev<D>::acc>& stats) {
+// v += the input bias's chunk at c0.
+template <DType D, bool kWhole, typename I>
+__device__ __forceinline__ void add_input_bias(const ForwardParams<typename Dev<D>::acc>& p, I c0,
+                                               typename Dev<D>::acc (&v)[kChunk]) {
+  const int64_t n = p.a.cols;
+  typename Dev<D>::acc input_bias[kChunk];
+  load_present_columns<D>(p.a.input_bias, false, c0, n, kWhole || (p.vec_cols && c0 + kChunk <= n),
+                          input_bias);
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) v[j] = add_rn(v[j], input_bias[j]);
+}
+
+// h of the chunk at c0 of a row from v = input (+ input bias): masked, the residual added,
+// rounded (hv: h as stored, in the compute type), stored if `store`. kNanLater: round_chunk's
+// (the caller stores h again with store_h if the row has a NaN).
+template <DType D, bool kWide, bool kWhole, bool kNanLater = false, typename I>
+__device__ __forceinline__ void chunk_h_of(const ForwardParams<typename Dev<D>::acc>& p,
+                                           const PhiloxStream& stream,
+                                           const ForwardRow<D, kWide>& row, I c0, bool store,
+                                           typename Dev<D>::acc (&v)[kChunk],
+                                           typename Dev<D>::acc (&hv)[kChunk]) {
+  constexpr DType H = kWide ? DType::kFloat : D;
+  using hraw = typename Dev<H>::raw;
+  using acc = typename Dev<D>::acc;
+  const int64_t n = p.a.cols;
+  const bool vector = kWhole || (p.vec_rows && c0 + kChunk <= n);
+  Chunk<hraw> res;
+  if (row.residual != nullptr) load_chunk(row.residual, c0, n, vector, res);
+  const uint64_t m = row.m0 + static_cast<uint64_t>(c0);
+  if (!row.draw) {
+    mask_bits(row.bits, p.consts, v);
+  } else if (kWhole) {
+    mask_group(stream, p.rule, m / kMaskPerCall, p.consts, v);
+  } else {
+    mask_bits(chunk_keep(stream, p.rule, m), p.consts, v);
+  }
+  if (row.residual != nullptr) {
+    acc r[kChunk];
+    to_acc<H>(res, r);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) v[j] = add_rn(v[j], r[j]);
+  }
+  Chunk<hraw> stored;
+  round_chunk<H, kNanLater>(v, stored);
+  to_acc<H>(stored, hv);  // stats and y from h as stored
+  if (store && row.h != nullptr) store_chunk(row.h, c0, n, vector, stored);
+}
+
+// h stored again from hv, with its NaNs the core's (kNanLater's fix: rounding an h as stored
+// gives its bits back).
+template <DType D, bool kWide, typename I>
+__device__ __forceinline__ void store_h(const ForwardParams<typename Dev<D>::acc>& p,
+                                        const ForwardRow<D, kWide>& row, I c0,
+                                        const typename Dev<D>::acc (&hv)[kChunk]) {
+  constexpr DType H = kWide ? DType::kFloat : D;
+  Chunk<typename Dev<H>::raw> stored;
+  round_chunk<H>(hv, stored);
+  store_chunk(row.h, c0, p.a.cols, true, stored);
+}
+
+// The three in one, for a chunk at a time.
+template <DType D, bool kWide, bool kWhole, typename I>
+__device__ __forceinline__ void chunk_h(const ForwardParams<typename Dev<D>::acc>& p,
+                                        const PhiloxStream& stream,
+                                        const ForwardRow<D, kWide>& row, I c0, bool store,
+                                        typename Dev<D>::acc (&hv)[kChunk]) {
+  typename Dev<D>::acc v[kChunk];
+  chunk_x<D, kWide, kWhole>(p, row, c0, v);
+  if (p.a.input_bias != nullptr) add_input_bias<D, kWhole>(p, c0, v);
+  chunk_h_of<D, kWide, kWhole>(p, stream, row, c0, store, v, hv);
+}
+
+// y of the chunk at c0 of a row from its deviations (core/norm.h's deviation: h - mean, or h):
+// normalized(h) * weight + bias, with normalized(h) == mul_rn(deviation(h), rstd). An absent
+// weight or bias is skipped: the CPU's neutral 1 and -0 leave every value as it is.
+template <DType D, bool kWide, bool kWhole, typename I>
+__device__ __forceinline__ void chunk_y(const ForwardParams<typename Dev<D>::acc>& p,
+                                        const ForwardRow<D, kWide>& row, I c0,
+                                        const typename Dev<D>::acc (&dev)[kChunk],
+                                        typename Dev<D>::acc rstd) {
   using S = Dev<D>;
   using acc = typename S::acc;
   const NormForwardArgs& a = p.a;
   const int64_t n = a.cols;
-  const bool vec_cols = p.vec_cols && c0 + kChunk <= n;
-  acc weight[kChunk], bias[kChunk];
-  load_columns<D>(a.weight, a.weight_fp32, c0, n, vec_cols, acc(1), weight);
-  load_columns<D>(a.bias, a.weight_fp32, c0, n, vec_cols, acc(-0.0), bias);
-  acc out[kChunk];
+  const bool vec_cols = kWhole || (p.vec_cols && c0 + kChunk <= n);
+  acc weight[kChunk], bias[kChunk], out[kChunk];
+  if (a.weight != nullptr) load_present_columns<D>(a.weight, a.weight_fp32, c0, n, vec_cols, weight);
+  if (a.bias != nullptr) load_present_columns<D>(a.bias, a.weight_fp32, c0, n, vec_cols, bias);
+  const auto affine = [&](auto has_weight, auto has_bias) {
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
-    out[j] = affine_out<true, true>(normalized<kRms>(hv[j], stats), weight[j], bias[j]);
+    for (int j = 0; j < kChunk; ++j) {
+      out[j] = affine_out<decltype(has_weight)::value, decltype(has_bias)::value>(
+          mul_rn(dev[j], rstd), weight[j], bias[j]);
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (a.weight != nullptr) {
+    a.bias != nullptr ? affine(yes(), yes()) : affine(yes(), no());
+  } else {
+    a.bias != nullptr ? affine(no(), yes()) : affine(no(), no());
   }
   Chunk<typename S::raw> y;
   round_chunk<D>(out, y);
-  store_chunk(static_cast<typename S::raw*>(a.y) + r * n, c0, n, p.vec_rows && c0 + kChunk <= n, y);
+  store_chunk(row.y, c0, n, kWhole || (p.vec_rows && c0 + kChunk <= n), y);
 }
 
-// Adds the chunk's elements below n (v, or with kSquare the squared deviation from mean) into
-// the lane's accumulators.
-template <bool kRms, bool kSquare, typename acc>
-__device__ __forceinline__ void accumulate(acc (&a)[kChunk], const acc (&hv)[kChunk], int64_t c0,
-                                           int64_t n, acc mean) {
+// The deviations of a chunk's h from the row's mean (core/norm.h's deviation), in place.
+template <bool kRms, typename acc>
+__device__ __forceinline__ void to_deviations(acc (&hv)[kChunk], acc mean) {
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) hv[j] = deviation<kRms>(hv[j], mean);
+}
+
+// Adds the chunk's elements below n (v, or with kSquare its square) into the lane's
+// accumulators; kWhole: every element is below n.
+template <bool kSquare, bool kWhole, typename acc>
+__device__ __forceinline__ void accumulate(acc (&a)[kChunk], const acc (&v)[kChunk], int64_t c0,
+                                           int64_t n) {
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
-    if (c0 + j < n) {
-      acc v = hv[j];
-      if (kSquare) {
-        const acc d = deviation<kRms>(v, mean);
-        v = mul_rn(d, d);
-      }
-      a[j] = add_rn(a[j], v);
-    }
+    if (kWhole || c0 + j < n) a[j] = add_rn(a[j], kSquare ? mul_rn(v[j], v[j]) : v[j]);
   }
 }
 
-// kCache > 0: the row's h kept in registers (rows up to G * kStripe * kCache elements);
-// kCache == 0: any row, h recomputed in each sweep.
+// kCache > 0: the row's h kept in registers (rows of whole chunks, up to G * kStripe * kCache
+// elements); kCache == 0: any row, h recomputed in each sweep.
 template <DType D, bool kWide, bool kRms, int kCacheChunks>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kCacheChunks > 0 || D == DType::kDouble ? 1 : 2)
     norm_forward_kernel(const ForwardParams<typename Dev<D>::acc> p) {
   using acc = typename Dev<D>::acc;
   const NormForwardArgs& a = p.a;
@@ -332,90 +473,109 @@ __global__ void __launch_bounds__(kThreads)
   const RowSlot s = RowSlot::make(p.groups);
   const int64_t n = a.cols;
   const int rows_per_block = kWarps / p.groups;
-  const int64_t stripes = (n + kStripe - 1) / kStripe;
-  // The first element of the lane's chunk in the group's k-th stripe.
-  const auto chunk_start = [&](int64_t k) {
-    return ((s.group + k * p.groups) * kLanes + s.lane) * int64_t(kChunk);
+  // How many of a row's chunks are the lane's (chunk first, first + stride, ...; a row's last
+  // stripe may end before the lane's chunk), and the first element of its k-th (int with an int
+  // k: the register cache's rows are short). 32-bit: a 64-bit division is a subroutine call.
+  const int chunks = static_cast<int>((n + kChunk - 1) / kChunk);
+  const int first = s.group * kLanes + s.lane, stride = p.groups * kLanes;
+  const int lane_chunks = first < chunks ? (chunks - first + stride - 1) / stride : 0;
+  const auto chunk_start = [&](auto k) {
+    return ((s.group + k * p.groups) * kLanes + s.lane) * decltype(k)(kChunk);
   };
   for (int64_t base = int64_t(blockIdx.x) * rows_per_block; base < a.rows;
        base += int64_t(gridDim.x) * rows_per_block) {
     const int64_t r = base + s.slot;
     const bool live = r < a.rows;
-    const int64_t len = live ? n : 0;  // a slot past the last row joins the trees with zeros
-    uint32_t sample_bits = 0;
-    if (live && a.rows_per_sample > 0 && !a.affine.keep_all) {
+    const int own = live ? lane_chunks : 0;  // a slot past the last row joins the trees with zeros
+    uint32_t row_bits = 0xFFu;               // p == 0: every element kept
+    if (p.draws_per_sample && live) {
       const uint64_t m = static_cast<uint64_t>(r / a.rows_per_sample);
       const uint32_t bit = keep_bits8(stream, p.rule, m / kMaskPerCall) >> (m % kMaskPerCall);
-      sample_bits = (bit & 1u) != 0 ? 0xFFu : 0u;
+      row_bits = (bit & 1u) != 0 ? 0xFFu : 0u;
     }
+    const ForwardRow<D, kWide> row = ForwardRow<D, kWide>::make(a, p.draws_each, live ? r : 0, row_bits);
     RowStats<acc> stats{acc(0), acc(0)};
     acc sums[kChunk];
-    if constexpr (kCacheChunks > 0) {
+    if constexpr (kCacheChunks > 0) {  // rows of whole chunks (the launcher's choice)
       acc hv[kCacheChunks][kChunk];
+      zero(sums);
+      // The inputs first, then the input bias over them all: one test of it per row (per
+      // chunk, it was predicated: issued whether or not there is one)
+#pragma unroll
+      for (int k = 0; k < kCacheChunks; ++k) {
+        if (k == own) break;  // one test past the lane's last chunk, not one per absent chunk
+        chunk_x<D, kWide, true>(p, row, chunk_start(k), hv[k]);
+      }
+      if (a.input_bias != nullptr) {
+#pragma unroll
+        for (int k = 0; k < kCacheChunks; ++k) {
+          if (k == own) break;
+          add_input_bias<D, true>(p, chunk_start(k), hv[k]);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kCacheChunks; ++k) {
+        if (k == own) break;
+        // a NaN h is fixed below: one test a row, not one a chunk
+        chunk_h_of<D, kWide, true, true>(p, stream, row, chunk_start(k), true, hv[k], hv[k]);
+        accumulate<false, true>(sums, hv[k], 0, n);
+      }
+      // A NaN h makes its accumulator NaN: then the lane stores its h again, the NaNs fixed (an
+      // Inf and a -Inf make a NaN too: h is stored again unchanged). Only bf16 fixes NaNs.
+      if constexpr (D == DType::kBFloat16 && !kWide) {
+        bool nan = false;
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) nan |= sums[j] != sums[j];
+        if (__builtin_expect(nan, 0) && row.h != nullptr) {
+#pragma unroll
+          for (int k = 0; k < kCacheChunks; ++k) {
+            if (k == own) break;
+            store_h<D, kWide>(p, row, chunk_start(k), hv[k]);  // hv: h as stored
+          }
+        }
+      }
+      if (!kRms) stats.mean = row_mean(row_total(sums, s), n);
+      // hv becomes the deviations, which y reuses; RMSNorm's are h itself
       zero(sums);
 #pragma unroll
       for (int k = 0; k < kCacheChunks; ++k) {
-        const int64_t c0 = chunk_start(k);
-        if (c0 < len) {
-          chunk_h<D, kWide>(p, stream, r, c0, sample_bits, true, hv[k]);
-          accumulate<kRms, false>(sums, hv[k], c0, len, acc(0));
-        }
-      }
-      if (!kRms) {
-        stats.mean = row_mean(row_total(sums, s), n);
-        zero(sums);
-#pragma unroll
-        for (int k = 0; k < kCacheChunks; ++k) {
-          const int64_t c0 = chunk_start(k);
-          if (c0 < len) accumulate<kRms, true>(sums, hv[k], c0, len, stats.mean);
-        }
-      } else {  // RMSNorm: the squares of h, from the same sweep
-        zero(sums);
-#pragma unroll
-        for (int k = 0; k < kCacheChunks; ++k) {
-          const int64_t c0 = chunk_start(k);
-          if (c0 < len) accumulate<kRms, true>(sums, hv[k], c0, len, acc(0));
-        }
+        if (k == own) break;
+        to_deviations<kRms>(hv[k], stats.mean);
+        accumulate<true, true>(sums, hv[k], 0, n);
       }
       stats.rstd = row_rstd(row_total(sums, s), n, p.eps);
 #pragma unroll
       for (int k = 0; k < kCacheChunks; ++k) {
-        const int64_t c0 = chunk_start(k);
-        if (c0 < len) chunk_y<D, kRms>(p, r, c0, hv[k], stats);
+        if (k == own) break;
+        chunk_y<D, kWide, true>(p, row, chunk_start(k), hv[k], stats.rstd);
       }
     } else {
       acc hv[kChunk];
-      // 32-bit: a 64-bit division is a subroutine call
-      const int own = live ? (static_cast<int>(stripes) - s.group + p.groups - 1) / p.groups : 0;
       if (!kRms) {
         zero(sums);
 #pragma unroll 1
         for (int k = 0; k < own; ++k) {
-          const int64_t c0 = chunk_start(k);
-          if (c0 < len) {
-            chunk_h<D, kWide>(p, stream, r, c0, sample_bits, true, hv);
-            accumulate<kRms, false>(sums, hv, c0, len, acc(0));
-          }
+          const int64_t c0 = chunk_start(int64_t(k));
+          chunk_h<D, kWide, false>(p, stream, row, c0, true, hv);
+          accumulate<false, false>(sums, hv, c0, n);
         }
         stats.mean = row_mean(row_total(sums, s), n);
       }
       zero(sums);
 #pragma unroll 1
       for (int k = 0; k < own; ++k) {
-        const int64_t c0 = chunk_start(k);
-        if (c0 < len) {
-          chunk_h<D, kWide>(p, stream, r, c0, sample_bits, kRms, hv);
-          accumulate<kRms, true>(sums, hv, c0, len, stats.mean);
-        }
+        const int64_t c0 = chunk_start(int64_t(k));
+        chunk_h<D, kWide, false>(p, stream, row, c0, kRms, hv);
+        to_deviations<kRms>(hv, stats.mean);
+        accumulate<true, false>(sums, hv, c0, n);
       }
       stats.rstd = row_rstd(row_total(sums, s), n, p.eps);
 #pragma unroll 1
       for (int k = 0; k < own; ++k) {
-        const int64_t c0 = chunk_start(k);
-        if (c0 < len) {
-          chunk_h<D, kWide>(p, stream, r, c0, sample_bits, false, hv);
-          chunk_y<D, kRms>(p, r, c0, hv, stats);
-        }
+        const int64_t c0 = chunk_start(int64_t(k));
+        chunk_h<D, kWide, false>(p, stream, row, c0, false, hv);
+        to_deviations<kRms>(hv, stats.mean);
+        chunk_y<D, kWide, false>(p, row, c0, hv, stats.rstd);
       }
     }
     if (live && s.group == 0 && s.lane == 0) {
@@ -436,6 +596,8 @@ struct BackwardParams {
   bool vec_rows;      // dy, saved, dh_in, grad_input, grad_h: every row start 16-byte aligned
   bool vec_cols;      // weight, bias 16-byte aligned
   bool vec_partials;  // every row of the partials 16-byte aligned
+  bool draws_each, draws_per_sample;  // as ForwardParams's
+  bool whole_groups;  // cols % 8 == 0: a chunk is one counter group (mask_group)
   acc* partial[3];    // the slabs [row_blocks][cols] of grad_weight, grad_bias, grad_input_bias
   const int64_t* pair_in;
 };
@@ -464,21 +626,23 @@ __device__ __forceinline__ void chunk_grad_inputs(const BackwardParams<typename 
     load_columns<D>(a.bias, a.weight_fp32, c0, n, vec_cols, acc(0), bias);
     Chunk<raw> y;
     load_chunk(static_cast<const raw*>(a.saved) + r * n, c0, n, vector, y);
+    acc yv[kChunk];
+    to_acc<D>(y, yv);
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) xhat[j] = xhat_from_y(S::load(y.e[j]), weight[j], bias[j]);
+    for (int j = 0; j < kChunk; ++j) xhat[j] = xhat_from_y(yv[j], weight[j], bias[j]);
   } else {
     Chunk<hraw> h;
     load_chunk(static_cast<const hraw*>(a.saved) + r * n, c0, n, vector, h);
+    acc hv[kChunk];
+    to_acc<kWide ? DType::kFloat : D>(h, hv);
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) xhat[j] = normalized<kRms>(Hs::load(h.e[j]), stats);
+    for (int j = 0; j < kChunk; ++j) xhat[j] = normalized<kRms>(hv[j], stats);
   }
   Chunk<raw> d;
   load_chunk(static_cast<const raw*>(a.dy) + r * n, c0, n, vector, d);
+  to_acc<D>(d, dy);
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
-    dy[j] = S::load(d.e[j]);
-    g[j] = mul_rn(dy[j], weight[j]);
-  }
+  for (int j = 0; j < kChunk; ++j) g[j] = mul_rn(dy[j], weight[j]);
 }
 
 template <typename acc>
@@ -554,26 +718,32 @@ __global__ void __launch_bounds__(kThreads)
         const RowStats<acc> stats = saved_stats<acc>(a, kRms, r);
         acc xhat[kChunk], dy[kChunk], g[kChunk];
         chunk_grad_inputs<D, kWide, kRms>(p, r, c0, stats, xhat, dy, g);
-        uint32_t bits = 0xFFu;
-        if (!a.affine.keep_all) {
-          if (a.rows_per_sample > 0) {
-            const uint64_t m = static_cast<uint64_t>(r / a.rows_per_sample);
-            bits = (keep_bits8(stream, p.rule, m / kMaskPerCall) >> (m % kMaskPerCall)) & 1u ? 0xFFu
-                                                                                             : 0u;
-          } else {
-            bits = chunk_keep(stream, p.rule, static_cast<uint64_t>(r * n + c0));
-          }
-        }
         Chunk<hraw> dh_in, grad_h;
         if (a.dh_in != nullptr) {
           load_chunk(static_cast<const hraw*>(a.dh_in) + r * n, c0, n, vector, dh_in);
         }
         acc dh[kChunk], dxv[kChunk];
 #pragma unroll
-        for (int j = 0; j < kChunk; ++j) {
-          dh[j] = h_gradient<kRms>(g[j], xhat[j], stats.rstd, c1[i], c2[i]);
-          if (a.dh_in != nullptr) dh[j] = add_rn(dh[j], Hs::load(dh_in.e[j]));
-          dxv[j] = masked_value<false>(((bits >> j) & 1u) != 0, dh[j], p.consts);
+        for (int j = 0; j < kChunk; ++j) dh[j] = h_gradient<kRms>(g[j], xhat[j], stats.rstd, c1[i], c2[i]);
+        if (a.dh_in != nullptr) {
+          acc d[kChunk];
+          to_acc<kWide ? DType::kFloat : D>(dh_in, d);
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) dh[j] = add_rn(dh[j], d[j]);
+        }
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) dxv[j] = dh[j];
+        const uint64_t m = static_cast<uint64_t>(r * n + c0);
+        if (p.draws_each && p.whole_groups) {
+          mask_group(stream, p.rule, m / kMaskPerCall, p.consts, dxv);
+        } else if (p.draws_each) {
+          mask_bits(chunk_keep(stream, p.rule, m), p.consts, dxv);
+        } else if (p.draws_per_sample) {
+          const uint64_t sample = static_cast<uint64_t>(r / a.rows_per_sample);
+          const uint32_t bit = keep_bits8(stream, p.rule, sample / kMaskPerCall) >> (sample % kMaskPerCall);
+          mask_bits((bit & 1u) != 0 ? 0xFFu : 0u, p.consts, dxv);
+        } else {
+          mask_bits(0xFFu, p.consts, dxv);  // p == 0
         }
         Chunk<raw> dx;
         if (a.grad_h != nullptr) round_chunk<kWide ? DType::kFloat : D>(dh, grad_h);
@@ -582,7 +752,12 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < kChunk; ++j) {
           part[0][j] = add_rn(part[0][j], mul_rn(dy[j], xhat[j]));
           part[1][j] = add_rn(part[1][j], dy[j]);
-          part[2][j] = add_rn(part[2][j], S::load(dx.e[j]));
+        }
+        if (p.partial[2] != nullptr) {  // the input bias's: the input's gradient as stored
+          acc dxs[kChunk];
+          to_acc<D>(dx, dxs);
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) part[2][j] = add_rn(part[2][j], dxs[j]);
         }
         if (a.grad_h != nullptr) {
           store_chunk(static_cast<hraw*>(a.grad_h) + r * n, c0, n, vector, grad_h);
@@ -650,12 +825,17 @@ cudaError_t forward_typed(const NormForwardArgs& a, at::PhiloxCudaState philox, 
                rows_aligned(a.residual, a.cols, sizeof(hraw)) &&
                rows_aligned(a.h, a.cols, sizeof(hraw));
   p.vec_cols = aligned16(a.weight) && aligned16(a.bias) && aligned16(a.input_bias);
+  p.draws_each = !a.affine.keep_all && a.rows_per_sample == 0;
+  p.draws_per_sample = !a.affine.keep_all && a.rows_per_sample > 0;
   p.philox = philox;
   p.pair_out = pair_out;
   const dim3 block(kLanes, kWarps);
   const int64_t rows_per_block = kWarps / p.groups;
-  if (a.cols <= int64_t(p.groups) * kStripe * kCache) {
-    constexpr auto kernel = norm_forward_kernel<D, kWide, kRms, kCache>;
+  // the register cache takes rows of whole 16-byte chunks (every common hidden size); any other
+  // row is swept
+  const bool whole = a.cols % kChunk == 0 && p.vec_rows && p.vec_cols;
+  if (whole && a.cols <= int64_t(p.groups) * kStripe * kCache<D>) {
+    constexpr auto kernel = norm_forward_kernel<D, kWide, kRms, kCache<D>>;
     kernel<<<launch::grid_for<kernel, kThreads>(a.rows, rows_per_block), block, 0, stream>>>(p);
   } else {
     constexpr auto kernel = norm_forward_kernel<D, kWide, kRms, 0>;
@@ -718,6 +898,9 @@ struct Backward {
         rows_aligned(a.dh_in, a.cols, sizeof(hraw)) && rows_aligned(a.grad_h, a.cols, sizeof(hraw));
     p.vec_cols = aligned16(a.weight) && aligned16(a.bias);
     p.vec_partials = rows_aligned(a.partials, a.cols, sizeof(acc));
+    p.draws_each = !a.affine.keep_all && a.rows_per_sample == 0;
+    p.draws_per_sample = !a.affine.keep_all && a.rows_per_sample > 0;
+    p.whole_groups = a.cols % kChunk == 0;
     const int64_t blocks = row_blocks(a.rows);
     // The slabs, in the order of the sums asked for (ops/fused_norm.cpp's partials).
     acc* next = static_cast<acc*>(a.partials);

@@ -18,18 +18,23 @@ __device__ __forceinline__ uint32_t pair_bits(const T& pair) {
   return bits;
 }
 
-// y[0 .. 2 * kWords) rounded to bf16 into kWords words (element 2i the low half of word i).
-// The hardware's round to nearest even equals the core's float_to_bf16_bits but for NaN,
-// whose pattern the hardware chooses: a NaN (rare: one test per pair) becomes the core's
-// 0x7FC0, so the CPU and GPU agree.
+// y[0 .. 2 * kWords) rounded to bf16 into kWords words (element 2i the low half of word i) by
+// the hardware, whose round to nearest even equals the core's float_to_bf16_bits but for NaN,
+// whose pattern it chooses.
+template <int kWords>
+__device__ __forceinline__ void pack_bf16_pairs(const float* y, uint32_t* words) {
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) words[i] = pair_bits(__floats2bfloat162_rn(y[2 * i], y[2 * i + 1]));
+}
+
+// The same, with a NaN (rare: one test per pair) made the core's 0x7FC0, so that the CPU and
+// GPU agree.
 template <int kWords>
 __device__ __forceinline__ void round_bf16_pairs(const float* y, uint32_t* words) {
+  pack_bf16_pairs<kWords>(y, words);
   bool nan = false;
 #pragma unroll
-  for (int i = 0; i < kWords; ++i) {
-    words[i] = pair_bits(__floats2bfloat162_rn(y[2 * i], y[2 * i + 1]));
-    nan |= y[2 * i] != y[2 * i] || y[2 * i + 1] != y[2 * i + 1];
-  }
+  for (int i = 0; i < kWords; ++i) nan |= y[2 * i] != y[2 * i] || y[2 * i + 1] != y[2 * i + 1];
   if (__builtin_expect(nan, 0)) {
 #pragma unroll
     for (int j = 0; j < 2 * kWords; ++j) {

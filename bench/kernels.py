@@ -862,7 +862,9 @@ def _sure_loads(text: list[str]) -> int:
     return sure + sum(min(n, guarded[(p, True)]) for (p, neg), n in guarded.items() if not neg)
 
 
-def norm_forward_path(instrs: list[tuple[int, str]], chunks: int, vectors: int) -> SteadyPath | None:
+def norm_forward_path(
+    instrs: list[tuple[int, str]], chunks: int, vectors: int
+) -> SteadyPath | None:
     """One turn of the forward's row loop (the widest loop) for rows of ``chunks`` chunks per
     lane, each operand chunk ``vectors`` 16-byte vectors. The kernel's three sweeps branch per
     chunk on whether the lane has it, and on which operands the call has, so the turn is pinned

@@ -150,7 +150,7 @@ def test_norm_model_finds_the_vector_paths_of_the_norm_kernels(analyzed):
     from 768 to 8192, the forward's with one Philox call per 8 elements and every element
     squared once (norm_forward_path). Every forward, and the fp32 backward, is memory-bound on
     an H200 with at least 1.5x headroom (the fp16/bf16 forward at 1.51-1.82x). The fp16/bf16
-    backward misses that goal (1.04-1.09x: the integer work per element bounds it, README); the
+    backward misses that goal (1.30-1.40x: the integer work per element bounds it, README); the
     floor below keeps it from getting worse unnoticed. A static model of the SASS, not a
     measurement."""
     found = analyzed["sm_90"]

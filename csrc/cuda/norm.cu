@@ -30,9 +30,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <type_traits>
-
 #include <ATen/cuda/PhiloxUtils.cuh>
+#include <type_traits>
 
 #include "cuda/launch.h"
 #include "cuda/norm.h"
@@ -162,8 +161,8 @@ __device__ __forceinline__ void store_chunk(raw* row, I c0, int64_t n, bool vect
 // dtype, or `neutral` where absent (1 for a weight, -0 or +0 for a bias), as the CPU's
 // row_vector gives it.
 template <DType D, typename acc, typename I>
-__device__ __forceinline__ void load_present_columns(const void* p, bool fp32, I c0,
-                                                     int64_t n, bool vector, acc (&out)[kChunk]) {
+__device__ __forceinline__ void load_present_columns(const void* p, bool fp32, I c0, int64_t n,
+                                                     bool vector, acc (&out)[kChunk]) {
   if (fp32) {
     Chunk<float> t;
     load_chunk(static_cast<const float*>(p), c0, n, vector, t);
@@ -176,8 +175,8 @@ __device__ __forceinline__ void load_present_columns(const void* p, bool fp32, I
   }
 }
 template <DType D, typename acc, typename I>
-__device__ __forceinline__ void load_columns(const void* p, bool fp32, I c0, int64_t n,
-                                             bool vector, acc neutral, acc (&out)[kChunk]) {
+__device__ __forceinline__ void load_columns(const void* p, bool fp32, I c0, int64_t n, bool vector,
+                                             acc neutral, acc (&out)[kChunk]) {
   if (p == nullptr) {
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) out[j] = neutral;
@@ -207,11 +206,13 @@ __device__ __forceinline__ void mask_group(const PhiloxStream& stream, const Kee
   const PhiloxBlock b = stream.group(g);
   if (__builtin_expect(!block_has_tie(b, rule), 1)) {
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) v[j] = masked_value<false>(first_draw_keeps(b, j, rule), v[j], consts);
+    for (int j = 0; j < kChunk; ++j)
+      v[j] = masked_value<false>(first_draw_keeps(b, j, rule), v[j], consts);
   } else {  // the whole rule, recomputed: sharing nothing keeps it off the common path
     const uint32_t bits = keep_bits8(stream, rule, g);
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) v[j] = masked_value<false>(((bits >> j) & 1u) != 0, v[j], consts);
+    for (int j = 0; j < kChunk; ++j)
+      v[j] = masked_value<false>(((bits >> j) & 1u) != 0, v[j], consts);
   }
 }
 
@@ -220,7 +221,8 @@ template <typename acc>
 __device__ __forceinline__ void mask_bits(uint32_t bits, const AffineConsts<acc>& consts,
                                           acc (&v)[kChunk]) {
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) v[j] = masked_value<false>(((bits >> j) & 1u) != 0, v[j], consts);
+  for (int j = 0; j < kChunk; ++j)
+    v[j] = masked_value<false>(((bits >> j) & 1u) != 0, v[j], consts);
 }
 
 // Where the calling thread stands in a block of kWarps warps of which each G make one row.
@@ -307,8 +309,8 @@ struct ForwardRow {
   const hraw* residual;  // or null
   hraw* h;               // or null
   raw* y;
-  uint64_t m0;    // the mask index of its first element
-  bool draw;      // a draw per element; else `bits` masks every chunk (p == 0, per_sample)
+  uint64_t m0;  // the mask index of its first element
+  bool draw;    // a draw per element; else `bits` masks every chunk (p == 0, per_sample)
   uint32_t bits;
 
   __device__ static ForwardRow make(const NormForwardArgs& a, bool draws_each, int64_t r,
@@ -400,9 +402,8 @@ __device__ __forceinline__ void store_h(const ForwardParams<typename Dev<D>::acc
 // The three in one, for a chunk at a time.
 template <DType D, bool kWide, bool kWhole, typename I>
 __device__ __forceinline__ void chunk_h(const ForwardParams<typename Dev<D>::acc>& p,
-                                        const PhiloxStream& stream,
-                                        const ForwardRow<D, kWide>& row, I c0, bool store,
-                                        typename Dev<D>::acc (&hv)[kChunk]) {
+                                        const PhiloxStream& stream, const ForwardRow<D, kWide>& row,
+                                        I c0, bool store, typename Dev<D>::acc (&hv)[kChunk]) {
   typename Dev<D>::acc v[kChunk];
   chunk_x<D, kWide, kWhole>(p, row, c0, v);
   if (p.a.input_bias != nullptr) add_input_bias<D, kWhole>(p, c0, v);
@@ -423,7 +424,8 @@ __device__ __forceinline__ void chunk_y(const ForwardParams<typename Dev<D>::acc
   const int64_t n = a.cols;
   const bool vec_cols = kWhole || (p.vec_cols && c0 + kChunk <= n);
   acc weight[kChunk], bias[kChunk], out[kChunk];
-  if (a.weight != nullptr) load_present_columns<D>(a.weight, a.weight_fp32, c0, n, vec_cols, weight);
+  if (a.weight != nullptr)
+    load_present_columns<D>(a.weight, a.weight_fp32, c0, n, vec_cols, weight);
   if (a.bias != nullptr) load_present_columns<D>(a.bias, a.weight_fp32, c0, n, vec_cols, bias);
   const auto affine = [&](auto has_weight, auto has_bias) {
 #pragma unroll
@@ -493,7 +495,8 @@ __global__ void __launch_bounds__(kThreads, kCacheChunks > 0 || D == DType::kDou
       const uint32_t bit = keep_bits8(stream, p.rule, m / kMaskPerCall) >> (m % kMaskPerCall);
       row_bits = (bit & 1u) != 0 ? 0xFFu : 0u;
     }
-    const ForwardRow<D, kWide> row = ForwardRow<D, kWide>::make(a, p.draws_each, live ? r : 0, row_bits);
+    const ForwardRow<D, kWide> row =
+        ForwardRow<D, kWide>::make(a, p.draws_each, live ? r : 0, row_bits);
     RowStats<acc> stats{acc(0), acc(0)};
     acc sums[kChunk];
     if constexpr (kCacheChunks > 0) {  // rows of whole chunks (the launcher's choice)
@@ -597,8 +600,8 @@ struct BackwardParams {
   bool vec_cols;      // weight, bias 16-byte aligned
   bool vec_partials;  // every row of the partials 16-byte aligned
   bool draws_each, draws_per_sample;  // as ForwardParams's
-  bool whole_groups;  // cols % 8 == 0: a chunk is one counter group (mask_group)
-  acc* partial[3];    // the slabs [row_blocks][cols] of grad_weight, grad_bias, grad_input_bias
+  bool whole_groups;                  // cols % 8 == 0: a chunk is one counter group (mask_group)
+  acc* partial[3];  // the slabs [row_blocks][cols] of grad_weight, grad_bias, grad_input_bias
   const int64_t* pair_in;
 };
 
@@ -667,8 +670,10 @@ __global__ void __launch_bounds__(kThreads)
   const RowSlot s = RowSlot::make(p.groups);
   const int64_t n = a.cols;
   const int rows_at_once = kWarps / p.groups;
-  const int64_t stripes = (n + kStripe - 1) / kStripe;
-  const int64_t own = (stripes - s.group + p.groups - 1) / p.groups;
+  // the lane's chunks of a row (as the forward's)
+  const int chunks = static_cast<int>((n + kChunk - 1) / kChunk);
+  const int first = s.group * kLanes + s.lane, stride = p.groups * kLanes;
+  const int own = first < chunks ? (chunks - first + stride - 1) / stride : 0;
   const int64_t blocks = row_blocks(a.rows);
   const int thread = static_cast<int>(threadIdx.y) * kLanes + static_cast<int>(threadIdx.x);
   __shared__ acc c1[kRowBlock], c2[kRowBlock];
@@ -685,14 +690,15 @@ __global__ void __launch_bounds__(kThreads)
       zero(sum_g);
       if (live) {
         const RowStats<acc> stats = saved_stats<acc>(a, kRms, r);
-        for (int64_t k = 0; k < own; ++k) {
-          const int64_t c0 = ((s.group + k * p.groups) * kLanes + s.lane) * int64_t(kChunk);
-          if (c0 >= n) continue;
+        for (int k = 0; k < own; ++k) {
+          const int64_t c0 = int64_t(first + k * stride) * kChunk;
           acc xhat[kChunk], dy[kChunk], g[kChunk];
           chunk_grad_inputs<D, kWide, kRms>(p, r, c0, stats, xhat, dy, g);
+          // whole chunks (cols % 8 == 0) need no bound per element
+          const int valid = p.whole_groups ? kChunk : static_cast<int>(n - c0);
 #pragma unroll
           for (int j = 0; j < kChunk; ++j) {
-            if (c0 + j < n) {
+            if (j < valid) {
               sum_gx[j] = add_rn(sum_gx[j], mul_rn(g[j], xhat[j]));
               sum_g[j] = add_rn(sum_g[j], g[j]);
             }
@@ -724,7 +730,8 @@ __global__ void __launch_bounds__(kThreads)
         }
         acc dh[kChunk], dxv[kChunk];
 #pragma unroll
-        for (int j = 0; j < kChunk; ++j) dh[j] = h_gradient<kRms>(g[j], xhat[j], stats.rstd, c1[i], c2[i]);
+        for (int j = 0; j < kChunk; ++j)
+          dh[j] = h_gradient<kRms>(g[j], xhat[j], stats.rstd, c1[i], c2[i]);
         if (a.dh_in != nullptr) {
           acc d[kChunk];
           to_acc<kWide ? DType::kFloat : D>(dh_in, d);
@@ -740,7 +747,8 @@ __global__ void __launch_bounds__(kThreads)
           mask_bits(chunk_keep(stream, p.rule, m), p.consts, dxv);
         } else if (p.draws_per_sample) {
           const uint64_t sample = static_cast<uint64_t>(r / a.rows_per_sample);
-          const uint32_t bit = keep_bits8(stream, p.rule, sample / kMaskPerCall) >> (sample % kMaskPerCall);
+          const uint32_t bit =
+              keep_bits8(stream, p.rule, sample / kMaskPerCall) >> (sample % kMaskPerCall);
           mask_bits((bit & 1u) != 0 ? 0xFFu : 0u, p.consts, dxv);
         } else {
           mask_bits(0xFFu, p.consts, dxv);  // p == 0

@@ -24,7 +24,8 @@ __device__ __forceinline__ uint32_t pair_bits(const T& pair) {
 template <int kWords>
 __device__ __forceinline__ void pack_bf16_pairs(const float* y, uint32_t* words) {
 #pragma unroll
-  for (int i = 0; i < kWords; ++i) words[i] = pair_bits(__floats2bfloat162_rn(y[2 * i], y[2 * i + 1]));
+  for (int i = 0; i < kWords; ++i)
+    words[i] = pair_bits(__floats2bfloat162_rn(y[2 * i], y[2 * i + 1]));
 }
 
 // The same, with a NaN (rare: one test per pair) made the core's 0x7FC0, so that the CPU and

@@ -786,7 +786,7 @@ def norm_bytes_per_row(dtype: str, cols: int, backward: bool = False, prenorm: b
 
 def norm_kernel_flags(name: str) -> tuple[str, str, bool, bool, int] | None:
     """'norm_forward_kernel<float, 0, 0, 8>' -> ('forward', dtype, wide h, RMSNorm, cached
-    chunks); the backward kernel has no cache argument (0)."""
+    chunks); the backward's last argument is kVector (1: rows of whole aligned chunks)."""
     m = re.match(r"norm_(forward|backward)_kernel<(\w+), ([01]), ([01])(?:, (\d+))?>$", name)
     return (m[1], m[2], m[3] == "1", m[4] == "1", int(m[5] or 0)) if m else None
 
@@ -1004,14 +1004,14 @@ def norm_paths(k: Kernel, instrs: list[tuple[int, str]]) -> NormPaths | None:
 
 def is_modelled_norm(k: Kernel) -> bool:
     """The norm kernels the model covers: LayerNorm with h in the dtype (fp32, fp16, bf16),
-    the forward that keeps h in registers, and the backward."""
+    the forward that keeps h in registers, and the backward of rows of whole aligned chunks."""
     flags = norm_kernel_flags(k.name)
     return (
         flags is not None
         and not flags[2]
         and not flags[3]
         and flags[1] in ("float", "half", "bfloat16")
-        and (flags[0] == "backward" or flags[4] > 0)
+        and flags[4] > 0
     )
 
 

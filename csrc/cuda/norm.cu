@@ -605,11 +605,28 @@ struct BackwardParams {
   const int64_t* pair_in;
 };
 
-// xhat, dy and g = dy * weight of the chunk at c0 of row r.
+// The weight's chunk at c0 (1 where absent) and, for xhat from y, the bias's (0 where absent).
+template <typename acc>
+struct GradColumns {
+  acc weight[kChunk], bias[kChunk];
+};
+template <DType D>
+__device__ __forceinline__ void load_grad_columns(const BackwardParams<typename Dev<D>::acc>& p,
+                                                  int64_t c0,
+                                                  GradColumns<typename Dev<D>::acc>& cols) {
+  using acc = typename Dev<D>::acc;
+  const NormBackwardArgs& a = p.a;
+  const bool vec_cols = p.vec_cols && c0 + kChunk <= a.cols;
+  load_columns<D>(a.weight, a.weight_fp32, c0, a.cols, vec_cols, acc(1), cols.weight);
+  if (a.saved_is_y) load_columns<D>(a.bias, a.weight_fp32, c0, a.cols, vec_cols, acc(0), cols.bias);
+}
+
+// xhat, dy and g = dy * weight of the chunk at c0 of the row whose first element is `at`.
 template <DType D, bool kWide, bool kRms>
 __device__ __forceinline__ void chunk_grad_inputs(const BackwardParams<typename Dev<D>::acc>& p,
-                                                  int64_t r, int64_t c0,
+                                                  int64_t at, int64_t c0,
                                                   const RowStats<typename Dev<D>::acc>& stats,
+                                                  const GradColumns<typename Dev<D>::acc>& cols,
                                                   typename Dev<D>::acc (&xhat)[kChunk],
                                                   typename Dev<D>::acc (&dy)[kChunk],
                                                   typename Dev<D>::acc (&g)[kChunk]) {
@@ -621,31 +638,26 @@ __device__ __forceinline__ void chunk_grad_inputs(const BackwardParams<typename 
   const NormBackwardArgs& a = p.a;
   const int64_t n = a.cols;
   const bool vector = p.vec_rows && c0 + kChunk <= n;
-  const bool vec_cols = p.vec_cols && c0 + kChunk <= n;
-  acc weight[kChunk];
-  load_columns<D>(a.weight, a.weight_fp32, c0, n, vec_cols, acc(1), weight);
   if (a.saved_is_y) {
-    acc bias[kChunk];
-    load_columns<D>(a.bias, a.weight_fp32, c0, n, vec_cols, acc(0), bias);
     Chunk<raw> y;
-    load_chunk(static_cast<const raw*>(a.saved) + r * n, c0, n, vector, y);
+    load_chunk(static_cast<const raw*>(a.saved) + at, c0, n, vector, y);
     acc yv[kChunk];
     to_acc<D>(y, yv);
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) xhat[j] = xhat_from_y(yv[j], weight[j], bias[j]);
+    for (int j = 0; j < kChunk; ++j) xhat[j] = xhat_from_y(yv[j], cols.weight[j], cols.bias[j]);
   } else {
     Chunk<hraw> h;
-    load_chunk(static_cast<const hraw*>(a.saved) + r * n, c0, n, vector, h);
+    load_chunk(static_cast<const hraw*>(a.saved) + at, c0, n, vector, h);
     acc hv[kChunk];
     to_acc<kWide ? DType::kFloat : D>(h, hv);
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) xhat[j] = normalized<kRms>(hv[j], stats);
   }
   Chunk<raw> d;
-  load_chunk(static_cast<const raw*>(a.dy) + r * n, c0, n, vector, d);
+  load_chunk(static_cast<const raw*>(a.dy) + at, c0, n, vector, d);
   to_acc<D>(d, dy);
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) g[j] = mul_rn(dy[j], weight[j]);
+  for (int j = 0; j < kChunk; ++j) g[j] = mul_rn(dy[j], cols.weight[j]);
 }
 
 template <typename acc>
@@ -657,8 +669,12 @@ __device__ __forceinline__ RowStats<acc> saved_stats(const NormBackwardArgs& a, 
 
 // A block per block of kRowBlock rows (grid-stride): the rows' c1, c2 (kWarps / G rows at a
 // time), then per chunk the rows in order: gradients, and the block's column partials.
-template <DType D, bool kWide, bool kRms>
-__global__ void __launch_bounds__(kThreads)
+// kVector: rows of whole 16-byte chunks (cols % 8 == 0, vec_rows), known at compile time so
+// that the second pass's loads and stores of each row are not each a branch. Its variants fit
+// 128 registers (2 blocks an SM) but fp64's; the others may take more (given 128, fp32 spilled
+// on sm_80).
+template <DType D, bool kWide, bool kRms, bool kVector>
+__global__ void __launch_bounds__(kThreads, kVector&& D != DType::kDouble ? 2 : 1)
     norm_backward_kernel(const BackwardParams<typename Dev<D>::acc> p) {
   using S = Dev<D>;
   using Hs = Dev<kWide ? DType::kFloat : D>;
@@ -676,7 +692,11 @@ __global__ void __launch_bounds__(kThreads)
   const int own = first < chunks ? (chunks - first + stride - 1) / stride : 0;
   const int64_t blocks = row_blocks(a.rows);
   const int thread = static_cast<int>(threadIdx.y) * kLanes + static_cast<int>(threadIdx.x);
-  __shared__ acc c1[kRowBlock], c2[kRowBlock];
+  // the block's rows' constants and statistics, for the second pass: one 16-byte (fp32) load a row
+  struct alignas(4 * sizeof(acc)) RowConsts {
+    acc c1, c2, mean, rstd;
+  };
+  __shared__ RowConsts consts[kRowBlock];
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
     const int64_t r0 = b * kRowBlock;
     const int64_t left = a.rows - r0;
@@ -688,19 +708,26 @@ __global__ void __launch_bounds__(kThreads)
       acc sum_gx[kChunk], sum_g[kChunk];
       zero(sum_gx);
       zero(sum_g);
+      RowStats<acc> stats{acc(0), acc(0)};
       if (live) {
-        const RowStats<acc> stats = saved_stats<acc>(a, kRms, r);
+        stats = saved_stats<acc>(a, kRms, r);
         for (int k = 0; k < own; ++k) {
           const int64_t c0 = int64_t(first + k * stride) * kChunk;
+          GradColumns<acc> cols;
+          load_grad_columns<D>(p, c0, cols);
           acc xhat[kChunk], dy[kChunk], g[kChunk];
-          chunk_grad_inputs<D, kWide, kRms>(p, r, c0, stats, xhat, dy, g);
-          // whole chunks (cols % 8 == 0) need no bound per element
-          const int valid = p.whole_groups ? kChunk : static_cast<int>(n - c0);
+          chunk_grad_inputs<D, kWide, kRms>(p, r * n, c0, stats, cols, xhat, dy, g);
+          const auto add = [&](int j) {
+            sum_gx[j] = add_rn(sum_gx[j], mul_rn(g[j], xhat[j]));
+            sum_g[j] = add_rn(sum_g[j], g[j]);
+          };
+          if (p.whole_groups) {  // whole chunks (cols % 8 == 0): no bound per element
 #pragma unroll
-          for (int j = 0; j < kChunk; ++j) {
-            if (j < valid) {
-              sum_gx[j] = add_rn(sum_gx[j], mul_rn(g[j], xhat[j]));
-              sum_g[j] = add_rn(sum_g[j], g[j]);
+            for (int j = 0; j < kChunk; ++j) add(j);
+          } else {
+#pragma unroll
+            for (int j = 0; j < kChunk; ++j) {
+              if (c0 + j < n) add(j);
             }
           }
         }
@@ -708,30 +735,34 @@ __global__ void __launch_bounds__(kThreads)
       const acc total_gx = row_total(sum_gx, s);
       const acc total_g = row_total(sum_g, s);
       if (live && s.group == 0 && s.lane == 0) {
-        c1[i] = row_mean(total_gx, n);
-        c2[i] = kRms ? acc(0) : row_mean(total_g, n);
+        consts[i] = {row_mean(total_gx, n), kRms ? acc(0) : row_mean(total_g, n), stats.mean,
+                     stats.rstd};
       }
     }
     __syncthreads();
     for (int64_t c0 = int64_t(thread) * kChunk; c0 < n; c0 += int64_t(kThreads) * kChunk) {
-      const bool vector = p.vec_rows && c0 + kChunk <= n;
+      const bool vector = kVector || (p.vec_rows && c0 + kChunk <= n);
       acc part[3][kChunk];
       zero(part[0]);
       zero(part[1]);
       zero(part[2]);
-      for (int i = 0; i < in_block; ++i) {
+      GradColumns<acc> cols;  // the same for every row of the block
+      load_grad_columns<D>(p, c0, cols);
+      int64_t at = r0 * n;  // the row's first element
+      for (int i = 0; i < in_block; ++i, at += n) {
         const int64_t r = r0 + i;
-        const RowStats<acc> stats = saved_stats<acc>(a, kRms, r);
+        const RowConsts row = consts[i];
+        const RowStats<acc> stats{row.mean, row.rstd};
         acc xhat[kChunk], dy[kChunk], g[kChunk];
-        chunk_grad_inputs<D, kWide, kRms>(p, r, c0, stats, xhat, dy, g);
+        chunk_grad_inputs<D, kWide, kRms>(p, at, c0, stats, cols, xhat, dy, g);
         Chunk<hraw> dh_in, grad_h;
         if (a.dh_in != nullptr) {
-          load_chunk(static_cast<const hraw*>(a.dh_in) + r * n, c0, n, vector, dh_in);
+          load_chunk(static_cast<const hraw*>(a.dh_in) + at, c0, n, vector, dh_in);
         }
         acc dh[kChunk], dxv[kChunk];
 #pragma unroll
         for (int j = 0; j < kChunk; ++j)
-          dh[j] = h_gradient<kRms>(g[j], xhat[j], stats.rstd, c1[i], c2[i]);
+          dh[j] = h_gradient<kRms>(g[j], xhat[j], stats.rstd, row.c1, row.c2);
         if (a.dh_in != nullptr) {
           acc d[kChunk];
           to_acc<kWide ? DType::kFloat : D>(dh_in, d);
@@ -740,7 +771,7 @@ __global__ void __launch_bounds__(kThreads)
         }
 #pragma unroll
         for (int j = 0; j < kChunk; ++j) dxv[j] = dh[j];
-        const uint64_t m = static_cast<uint64_t>(r * n + c0);
+        const uint64_t m = static_cast<uint64_t>(at + c0);
         if (p.draws_each && p.whole_groups) {
           mask_group(stream, p.rule, m / kMaskPerCall, p.consts, dxv);
         } else if (p.draws_each) {
@@ -768,9 +799,9 @@ __global__ void __launch_bounds__(kThreads)
           for (int j = 0; j < kChunk; ++j) part[2][j] = add_rn(part[2][j], dxs[j]);
         }
         if (a.grad_h != nullptr) {
-          store_chunk(static_cast<hraw*>(a.grad_h) + r * n, c0, n, vector, grad_h);
+          store_chunk(static_cast<hraw*>(a.grad_h) + at, c0, n, vector, grad_h);
         }
-        store_chunk(static_cast<raw*>(a.grad_input) + r * n, c0, n, vector, dx);
+        store_chunk(static_cast<raw*>(a.grad_input) + at, c0, n, vector, dx);
       }
 #pragma unroll
       for (int q = 0; q < 3; ++q) {
@@ -781,7 +812,7 @@ __global__ void __launch_bounds__(kThreads)
         store_chunk(p.partial[q] + b * n, c0, n, p.vec_partials && c0 + kChunk <= n, out);
       }
     }
-    __syncthreads();  // c1 and c2 are the next block's
+    __syncthreads();  // c1, c2 and the statistics are the next block's
   }
 }
 
@@ -923,8 +954,13 @@ struct Backward {
     t.blocks = blocks;
     t.cols = a.cols;
     p.pair_in = pair_in;
-    constexpr auto kernel = norm_backward_kernel<D, kWide, kRms>;
-    kernel<<<launch::grid_for<kernel, kThreads>(blocks, 1), dim3(kLanes, kWarps), 0, stream>>>(p);
+    if (p.vec_rows && p.whole_groups) {
+      constexpr auto kernel = norm_backward_kernel<D, kWide, kRms, true>;
+      kernel<<<launch::grid_for<kernel, kThreads>(blocks, 1), dim3(kLanes, kWarps), 0, stream>>>(p);
+    } else {
+      constexpr auto kernel = norm_backward_kernel<D, kWide, kRms, false>;
+      kernel<<<launch::grid_for<kernel, kThreads>(blocks, 1), dim3(kLanes, kWarps), 0, stream>>>(p);
+    }
     if (t.out[0] != nullptr || t.out[1] != nullptr || t.out[2] != nullptr) {
       constexpr auto totals = strided_column_totals_kernel<acc>;
       totals<<<launch::grid_for<totals, kThreads>(3 * a.cols, kThreads), kThreads, 0, stream>>>(t);

@@ -390,6 +390,7 @@ def steady_state_path(
     draws: bool = True,
     exact: bool = False,
     only: list[tuple[int, int]] | None = None,
+    sure_loads: bool = False,
 ) -> SteadyPath | None:
     """The instructions one thread executes per iteration of the grid-stride loop on its
     common path: of the ways round the loop (header to back edge) that issue ``loads``
@@ -404,8 +405,9 @@ def steady_state_path(
 
     For the norm backward's loops: ``draws=False`` asks for a path with no Philox multiply,
     ``exact`` for exactly ``loads`` and ``stores`` (not at least); ``only``: these loops
-    (loop_edges) alone, in this order. (The norm forward has its own search:
-    norm_forward_path.)"""
+    (loop_edges) alone, in this order; ``sure_loads``: a block's loads counted as
+    _sure_loads(one_sided=True) does (a weight in fp32 or in the dtype is two predicated
+    loads, of which one runs). (The norm forward has its own search: norm_forward_path.)"""
     index = {a: i for i, (a, _) in enumerate(instrs)}
     back_edges = loop_edges(instrs)
     need = (loads, stores)
@@ -415,6 +417,9 @@ def steady_state_path(
     for head, tail in order:  # widest loop first
         lo, hi = index[head], index[tail]
         blocks = _loop_blocks(instrs, lo, hi)
+        if sure_loads:
+            for block in blocks.values():
+                block.ldg128 = _sure_loads(block.text, one_sided=True)
         # DP over the blocks in address order. State on entering a block: (Philox
         # multiplies capped at enough, capped loads, capped stores) -> the least (Philox
         # multiplies, instructions) that reaches it, and the state it came from. Both add up
@@ -847,9 +852,11 @@ def _is_square(ins: str) -> bool:
     return opcode(ins) == "FMUL" and len(ops) == 3 and ops[1] == ops[2] and ops[1] != "RZ"
 
 
-def _sure_loads(text: list[str]) -> int:
+def _sure_loads(text: list[str], one_sided: bool = False) -> int:
     """The 16-byte loads of a block that run whatever its predicates: the unpredicated ones,
-    and of those under @P and @!P of one predicate, the fewer (one side runs)."""
+    and of those under @P and @!P of one predicate, the fewer (one side runs). ``one_sided``:
+    also those under a predicate with no load on its other side (an operand's load where the
+    call has every operand)."""
     sure, guarded = 0, Counter()
     for ins in text:
         if not (opcode(ins).startswith("LDG.") and ".128" in opcode(ins)):
@@ -859,7 +866,11 @@ def _sure_loads(text: list[str]) -> int:
             guarded[(m[2], m[1] == "!")] += 1
         else:
             sure += 1
-    return sure + sum(min(n, guarded[(p, True)]) for (p, neg), n in guarded.items() if not neg)
+    sides = {p for p, _ in guarded}
+    for p in sides:
+        pos, neg = guarded[(p, False)], guarded[(p, True)]
+        sure += min(pos, neg) if pos and neg else (pos + neg) * one_sided
+    return sure
 
 
 def norm_forward_path(
@@ -970,7 +981,8 @@ def norm_paths(k: Kernel, instrs: list[tuple[int, str]]) -> NormPaths | None:
             out.forward[cols] = by_chunks[chunks]
         return out
     # backward: pass 1 reads h, dy and the weight per chunk, writes nothing, draws nothing;
-    # pass 2 also writes grad_h and grad_input and draws; its chunk turn writes the weight's
+    # pass 2's row turn reads h, dy (and dh_in: a predicated load, counted) and writes grad_h
+    # and grad_input and draws; its chunk turn also reads the weight and writes the weight's
     # and the bias's partials (fp32: 2 vectors each).
     edges = loop_edges(instrs)
 
@@ -981,17 +993,23 @@ def norm_paths(k: Kernel, instrs: list[tuple[int, str]]) -> NormPaths | None:
     # (inner loop, its enclosing turn): loads, stores of each, whether they draw
     passes = {
         ("sums_chunk", "sums_row"): ((3 * v, 0), (3 * v, 0), False),
-        ("grad_row", "grad_chunk"): ((3 * v, 2 * v), (3 * v, 2 * v + 4), True),
+        ("grad_row", "grad_chunk"): ((3 * v, 2 * v), (4 * v, 2 * v + 4), True),
     }
     for (inner_name, outer_name), (inner_io, outer_io, draws) in passes.items():
         for e in innermost:
-            found = _count(steady_state_path(instrs, *inner_io, draws=draws, exact=True, only=[e]))
+            found = _count(
+                steady_state_path(
+                    instrs, *inner_io, draws=draws, exact=True, only=[e], sure_loads=True
+                )
+            )
             if found is None:
                 continue
             setattr(out, inner_name, found)
             enclosing = sorted((o for o in edges if inside(e, o)), key=lambda o: o[1] - o[0])
             outer = enclosing[:1] and _count(
-                steady_state_path(instrs, *outer_io, draws=draws, exact=True, only=enclosing[:1])
+                steady_state_path(
+                    instrs, *outer_io, draws=draws, exact=True, only=enclosing[:1], sure_loads=True
+                )
             )
             if not outer:
                 return None

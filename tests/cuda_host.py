@@ -586,7 +586,8 @@ class HostCuda:
     ) -> NormResult:
         """One forward call of csrc/cuda/norm.cu through norm_forward_cuda, with the operands
         as ops/fused_norm.cpp hands them over (contiguous; the residual in h's dtype), in
-        guarded buffers; ``misalign`` bytes shift the input and residual off 16-byte alignment.
+        guarded buffers; ``misalign`` bytes shift the input and residual off 16-byte alignment,
+        and the [cols] vectors keep their own alignment mod 16 (as norm_backward's operands).
         Returns ``(y, h, mean, rstd, pair)`` as the CPU op does (h empty unless keep_h)."""
         wide = residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16)
         h_type = torch.float32 if wide else x.dtype
@@ -608,6 +609,9 @@ class HostCuda:
             buffers[name] = Guarded(name, numel * torch.empty(0, dtype=dtype).element_size())
             return buffers[name].address
 
+        def own(t: torch.Tensor | None) -> int:  # a tensor's alignment mod 16
+            return 0 if t is None else t.data_ptr() % 16
+
         op = _HostNorm()
         op.dtype = DTYPE_CODE[x.dtype]
         op.wide_h, op.rms = wide, rms
@@ -615,9 +619,9 @@ class HostCuda:
         op.weight_fp32 = wb is not None and wb.dtype == torch.float32 and x.dtype != torch.float32
         op.input = put("input", x, misalign)
         op.residual = put("residual", None if residual is None else residual.to(h_type), misalign)
-        op.input_bias = put("input_bias", input_bias)
-        op.weight = put("weight", weight)
-        op.bias = put("bias", bias)
+        op.input_bias = put("input_bias", input_bias, own(input_bias))
+        op.weight = put("weight", weight, own(weight))
+        op.bias = put("bias", bias, own(bias))
         op.y = out("y", x.numel(), x.dtype)
         op.h = out("h", x.numel(), h_type) if keep_h else None
         op.mean = None if rms else out("mean", rows, acc)

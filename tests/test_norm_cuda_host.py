@@ -39,6 +39,7 @@ class Case:
     residual_in_fp32: bool = False
     keep_h: bool = True  # prenorm: h stored
     misalign: int = 0  # bytes: input and residual off 16-byte alignment (element I/O)
+    misalign_columns: bool = False  # weight, bias, input_bias one element off 16-byte alignment
 
     def __str__(self) -> str:
         dt = str(self.dtype).removeprefix("torch.")
@@ -53,6 +54,7 @@ class Case:
             "r32" if self.residual_in_fp32 else "",
             "" if self.keep_h else "noh",
             f"mis{self.misalign}" if self.misalign else "",
+            "miscols" if self.misalign_columns else "",
         ]
         return "-".join([dt, "x".join(map(str, self.shape)), *filter(None, flags)])
 
@@ -99,6 +101,9 @@ CASES = [
     Case(F32, (3, 768), p=1.0),
     Case(F32, (3, 768), misalign=4),
     Case(F16, (5, 1000), misalign=2, rms=True),
+    # whole aligned rows, misaligned columns: neither the register cache nor kVector
+    Case(F32, (3, 768), misalign_columns=True),
+    Case(BF16, (3, 768), misalign_columns=True, input_bias=True),
     # forced ties: an element of row 1 on the register-cached vector path, and of a swept row
     *(
         Case(dt, (3, 768), p=_tie_p(3 * 768, 768 + 100, kept))
@@ -117,7 +122,18 @@ def _operands(case: Case):
     w = None if case.weight == "none" else randn((cols,), wdt, 3)
     b = randn((cols,), wdt, 4) if case.bias and not case.rms else None
     ib = randn((cols,), case.dtype, 5) if case.input_bias else None
+    if case.misalign_columns:
+        w, b, ib = (None if t is None else _one_element_off(t) for t in (w, b, ib))
     return x, (r if case.residual else None), w, b, ib
+
+
+def _one_element_off(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a view one element past a 16-byte aligned allocation."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    assert buf.data_ptr() % 16 == 0
+    out = buf[1:]
+    out.copy_(t)
+    return out
 
 
 def _forward_cpu(case: Case, x, r, w, b, ib):
@@ -301,6 +317,12 @@ MUTATIONS = (
         "if (false) {",
     ),
     cuda_host.Mutation(
+        "backward's vector variant for misaligned columns",
+        KERNEL,
+        "if (p.vec_rows && p.vec_cols && p.whole_groups) {",
+        "if (p.vec_rows && p.whole_groups) {",
+    ),
+    cuda_host.Mutation(
         "backward ignores the pair",
         KERNEL,
         "if (pair_in != nullptr) {",
@@ -314,7 +336,11 @@ MUTANT_FORWARD = [
     Case(F16, (3, 1000)),
     Case(F16, (3, 768), p=_tie_p(3 * 768, 768 + 100, True)),
 ]
-MUTANT_BACKWARD = [Case(F32, (40, 768)), Case(F32, (37, 20))]
+MUTANT_BACKWARD = [
+    Case(F32, (40, 768)),
+    Case(F32, (37, 20)),
+    Case(F32, (3, 768), misalign_columns=True),
+]
 
 
 @pytest.mark.slow

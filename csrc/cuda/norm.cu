@@ -612,21 +612,23 @@ template <typename acc>
 struct GradColumns {
   acc weight[kChunk], bias[kChunk];
 };
+// whole: a row of whole chunks with aligned columns (kVector), so a 16-byte vector load.
 template <DType D>
 __device__ __forceinline__ void load_grad_columns(const BackwardParams<typename Dev<D>::acc>& p,
-                                                  int64_t c0,
+                                                  int64_t c0, bool whole,
                                                   GradColumns<typename Dev<D>::acc>& cols) {
   using acc = typename Dev<D>::acc;
   const NormBackwardArgs& a = p.a;
-  const bool vec_cols = p.vec_cols && c0 + kChunk <= a.cols;
+  const bool vec_cols = whole || (p.vec_cols && c0 + kChunk <= a.cols);
   load_columns<D>(a.weight, a.weight_fp32, c0, a.cols, vec_cols, acc(1), cols.weight);
   if (a.saved_is_y) load_columns<D>(a.bias, a.weight_fp32, c0, a.cols, vec_cols, acc(0), cols.bias);
 }
 
-// xhat, dy and g = dy * weight of the chunk at c0 of the row whose first element is `at`.
+// xhat, dy and g = dy * weight of the chunk at c0 of the row whose first element is `at`
+// (vector: the chunk's rows are read as 16-byte vectors, load_chunk).
 template <DType D, bool kWide, bool kRms>
 __device__ __forceinline__ void chunk_grad_inputs(const BackwardParams<typename Dev<D>::acc>& p,
-                                                  int64_t at, int64_t c0,
+                                                  int64_t at, int64_t c0, bool vector,
                                                   const RowStats<typename Dev<D>::acc>& stats,
                                                   const GradColumns<typename Dev<D>::acc>& cols,
                                                   typename Dev<D>::acc (&xhat)[kChunk],
@@ -639,7 +641,6 @@ __device__ __forceinline__ void chunk_grad_inputs(const BackwardParams<typename 
   using acc = typename S::acc;
   const NormBackwardArgs& a = p.a;
   const int64_t n = a.cols;
-  const bool vector = p.vec_rows && c0 + kChunk <= n;
   if (a.saved_is_y) {
     Chunk<raw> y;
     load_chunk(static_cast<const raw*>(a.saved) + at, c0, n, vector, y);
@@ -671,8 +672,8 @@ __device__ __forceinline__ RowStats<acc> saved_stats(const NormBackwardArgs& a, 
 
 // A block per block of kRowBlock rows (grid-stride): the rows' c1, c2 (kWarps / G rows at a
 // time), then per chunk the rows in order: gradients, and the block's column partials.
-// kVector: rows of whole 16-byte chunks (cols % 8 == 0, vec_rows), known at compile time so
-// that the second pass's loads and stores of each row are not each a branch. Its variants fit
+// kVector: rows of whole 16-byte chunks (cols % 8 == 0, vec_rows, vec_cols), known at compile
+// time so that no load or store of either pass is a branch. Its variants fit
 // 128 registers (2 blocks an SM) but fp64's; the others may take more (given 128, fp32 spilled
 // on sm_80).
 template <DType D, bool kWide, bool kRms, bool kVector>
@@ -716,14 +717,15 @@ __global__ void __launch_bounds__(kThreads, kVector&& D != DType::kDouble ? 2 : 
         for (int k = 0; k < own; ++k) {
           const int64_t c0 = int64_t(first + k * stride) * kChunk;
           GradColumns<acc> cols;
-          load_grad_columns<D>(p, c0, cols);
+          load_grad_columns<D>(p, c0, kVector, cols);
           acc xhat[kChunk], dy[kChunk], g[kChunk];
-          chunk_grad_inputs<D, kWide, kRms>(p, r * n, c0, stats, cols, xhat, dy, g);
+          const bool vector = kVector || (p.vec_rows && c0 + kChunk <= n);
+          chunk_grad_inputs<D, kWide, kRms>(p, r * n, c0, vector, stats, cols, xhat, dy, g);
           const auto add = [&](int j) {
             sum_gx[j] = add_rn(sum_gx[j], mul_rn(g[j], xhat[j]));
             sum_g[j] = add_rn(sum_g[j], g[j]);
           };
-          if (p.whole_groups) {  // whole chunks (cols % 8 == 0): no bound per element
+          if (kVector || p.whole_groups) {  // whole chunks (cols % 8 == 0): no bound per element
 #pragma unroll
             for (int j = 0; j < kChunk; ++j) add(j);
           } else {
@@ -749,14 +751,14 @@ __global__ void __launch_bounds__(kThreads, kVector&& D != DType::kDouble ? 2 : 
       zero(part[1]);
       zero(part[2]);
       GradColumns<acc> cols;  // the same for every row of the block
-      load_grad_columns<D>(p, c0, cols);
+      load_grad_columns<D>(p, c0, kVector, cols);
       int64_t at = r0 * n;  // the row's first element
       for (int i = 0; i < in_block; ++i, at += n) {
         const int64_t r = r0 + i;
         const RowConsts row = consts[i];
         const RowStats<acc> stats{row.mean, row.rstd};
         acc xhat[kChunk], dy[kChunk], g[kChunk];
-        chunk_grad_inputs<D, kWide, kRms>(p, at, c0, stats, cols, xhat, dy, g);
+        chunk_grad_inputs<D, kWide, kRms>(p, at, c0, vector, stats, cols, xhat, dy, g);
         Chunk<hraw> dh_in, grad_h;
         if (a.dh_in != nullptr) {
           load_chunk(static_cast<const hraw*>(a.dh_in) + at, c0, n, vector, dh_in);
@@ -956,7 +958,7 @@ struct Backward {
     t.blocks = blocks;
     t.cols = a.cols;
     p.pair_in = pair_in;
-    if (p.vec_rows && p.whole_groups) {
+    if (p.vec_rows && p.vec_cols && p.whole_groups) {
       constexpr auto kernel = norm_backward_kernel<D, kWide, kRms, true>;
       kernel<<<launch::grid_for<kernel, kThreads>(blocks, 1), dim3(kLanes, kWarps), 0, stream>>>(p);
     } else {

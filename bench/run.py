@@ -27,7 +27,13 @@ from bench import ops as op_specs  # noqa: E402
 from bench import report, shapes  # noqa: E402
 from bench.bytes_model import bytes_moved, dims_of  # noqa: E402
 from bench.memory import peak_bytes, saved_bytes  # noqa: E402
-from bench.timing import Runner, clone_bandwidth, gpu_peak_bandwidth, paired_ratio  # noqa: E402
+from bench.timing import (  # noqa: E402
+    Runner,
+    clone_bandwidth,
+    gpu_peak_bandwidth,
+    keep_heap,
+    paired_ratio,
+)
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 DTYPES = {
@@ -71,6 +77,11 @@ def parse_args(argv=None):
     ap.add_argument("--block-ms", type=float, help="CPU: time of one repetition (5 quick, 20 full)")
     ap.add_argument("--p", type=float, default=op_specs.P_DEFAULT, help="drop probability")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
+    ap.add_argument(
+        "--fresh-pages",
+        action="store_true",
+        help="CPU: leave glibc returning freed memory to the OS (default: kept, timing.keep_heap)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument(
@@ -278,6 +289,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    heap_note = []
+    if args.device == "cpu" and not args.fresh_pages:
+        kept = keep_heap()
+        heap_note.append(
+            "heap kept (glibc: no mmap, no trim): outputs reuse freed memory"
+            if kept
+            else "heap not kept (no glibc mallopt): page faults add noise"
+        )
     t_start, load = time.perf_counter(), os.getloadavg()[0]
     functional, import_s = import_ours(args.installed)
     if functional is None and args.installed:
@@ -305,7 +324,7 @@ def main(argv=None) -> int:
         bench.notes.append(
             f"load average {load:.1f} at start: other processes share the CPU, so timings are noisy"
         )
-    notes = list(dict.fromkeys(skipped + bench.notes))
+    notes = list(dict.fromkeys(heap_note + skipped + bench.notes))
     meta = report.metadata(args, peak, clone, import_s, notes, time.perf_counter() - t_start)
     meta["loadavg"] = [load, os.getloadavg()[0]]
     if functional is not None:

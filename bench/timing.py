@@ -9,6 +9,8 @@ samples taken side by side in time.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -37,6 +39,19 @@ class Samples:
     @property
     def median(self) -> float:
         return statistics.median(self.times)
+
+
+def keep_heap() -> bool:
+    """Has glibc keep freed memory for the next allocation (no mmap'd chunks, no trimming),
+    as a caching allocator would. Else a call's large outputs can come from fresh pages, each
+    faulted in and zeroed (measured on the 2-core Zen 4 at BERT size, fp32: 300 to 1,800 page
+    faults a call, call times 1x to 7x apart from run to run), which drowns the kernels'
+    differences. False where the C library is not glibc."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def paired_ratio(num: Samples, den: Samples) -> float:

@@ -170,6 +170,9 @@ template <DType D>
 constexpr bool kVectorRows = D == DType::kFloat || D == DType::kBFloat16;
 constexpr int64_t kVectorRowMultiple = 64;  // one word of keep bits
 
+// How the forward writes h: not at all (no h kept), or with plain or non-temporal stores.
+enum class HStore { kNone, kPlain, kStream };
+
 // The call's operands for the vector path: [cols] vectors in fp32 (neutral where absent).
 struct VectorRowArgs {
   const float* weight;
@@ -180,11 +183,13 @@ struct VectorRowArgs {
   bool stream_y;  // y with non-temporal stores (stream_vec)
 };
 
-// Outputs larger than this (y; the backward's grad_input and grad_h together) are written
+// Outputs larger than this (y, h; the backward's grad_input and grad_h together) are written
 // past the caches: else each line would be read before it is written, and evicted anyway.
 // Measured on a Zen 4 at BERT size (8x512x768, 2 threads), against our unfused composition:
 // forward fp32 (12 MiB of y) 1.04-1.40x with plain stores, 1.23-1.48x with streaming ones
-// (medians of 60 calls, five runs each); bf16 (6 MiB of y) 1.01-1.20x either way. Backward
+// (medians of 60 calls, five runs each); bf16 (6 MiB of y) 1.01-1.20x either way. h too
+// (fp32, y streamed, the heap kept as bench/ keeps it): 0.89-1.00x plain, 1.18-1.24x
+// streaming (paired medians of 41, two runs each); bf16 0.88-0.92x either way. Backward
 // (minimums of 100 calls; three runs, two for bf16): fp32 (25 MiB out) 0.77-0.83x plain,
 // 0.93-1.07x streaming; bf16 (12 MiB out) 1.15-1.16x plain, 1.10-1.12x streaming (noise).
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
@@ -263,7 +268,7 @@ void add_to_stripes(float* __restrict sum, int64_t cols, int groups, Value&& val
   }
 }
 
-template <bool kRms, bool kResidual, bool kStoreH, typename raw, typename hraw>
+template <bool kRms, bool kResidual, HStore kH, typename raw, typename hraw>
 void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_t r,
                         RowKeepWords& keep, bool draw_next) {
   const int64_t cols = a.cols;
@@ -271,7 +276,7 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
   const raw* __restrict x = static_cast<const raw*>(a.input) + r * cols;
   const hraw* __restrict res =
       kResidual ? static_cast<const hraw*>(a.residual) + r * cols : nullptr;
-  hraw* __restrict h = kStoreH ? static_cast<hraw*>(a.h) + r * cols : nullptr;
+  hraw* __restrict h = kH != HStore::kNone ? static_cast<hraw*>(a.h) + r * cols : nullptr;
   float* __restrict hs = v.h_row;
   float* __restrict sum = v.sum;
   const float* __restrict w = v.weight;
@@ -289,7 +294,8 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
         keep_mul(static_cast<uint32_t>(bits >> (q % kPerWord * kVecLanes)) & kLaneBits, in, scale);
     if constexpr (kResidual) t = add_vec(t, load_vec(res + c));
     t = round_for(h, t);
-    if constexpr (kStoreH) store_rounded(h + c, t);
+    if constexpr (kH == HStore::kPlain) store_rounded(h + c, t);
+    if constexpr (kH == HStore::kStream) stream_rounded(h + c, t);
     store_vec(hs + c, t);
     return kRms ? mul_vec(t, t) : t;
   });
@@ -462,20 +468,28 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Lane
       if (cols % kVectorRowMultiple == 0) {
         RowKeepWords keep(stream, a.affine, range, cols, a.rows_per_sample);
         if (r0 < r1) keep.draw_row(r0);
-        const int64_t y_bytes = a.rows * cols * static_cast<int64_t>(sizeof(raw));
-        const bool stream_y = y_bytes > kStreamBytes &&
-                              reinterpret_cast<uintptr_t>(a.y) % (kVecLanes * sizeof(raw)) == 0;
+        // Rows of a multiple of 64 elements: aligned bases keep every row aligned.
+        const auto streams = [&](const void* out, size_t size) {
+          return out != nullptr && a.rows * cols * static_cast<int64_t>(size) > kStreamBytes &&
+                 reinterpret_cast<uintptr_t>(out) % (kVecLanes * size) == 0;
+        };
+        const bool stream_y = streams(a.y, sizeof(raw)), stream_h = streams(a.h, sizeof(hraw));
         const VectorRowArgs v{weight.data(), bias.data(), input_bias.data(),
                               hv.data(),     sum,         stream_y};
-        const auto rows = [&](auto residual, auto store_h) {
+        const auto rows = [&](auto residual, auto h_store) {
           for (int64_t r = r0; r < r1; ++r) {
-            forward_row_vector<kRms, decltype(residual)::value, decltype(store_h)::value, raw,
+            forward_row_vector<kRms, decltype(residual)::value, decltype(h_store)::value, raw,
                                hraw>(a, v, r, keep, r + 1 < r1);
           }
         };
-        const auto with_h = [&](auto residual) { a.h ? rows(residual, T{}) : rows(residual, F{}); };
+        const auto with_h = [&](auto residual) {
+          using H = HStore;
+          if (a.h == nullptr) return rows(residual, std::integral_constant<H, H::kNone>{});
+          if (stream_h) return rows(residual, std::integral_constant<H, H::kStream>{});
+          rows(residual, std::integral_constant<H, H::kPlain>{});
+        };
         a.residual ? with_h(T{}) : with_h(F{});
-        if (stream_y) _mm_sfence();
+        if (stream_y || stream_h) _mm_sfence();
         return;
       }
     }

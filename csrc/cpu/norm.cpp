@@ -234,9 +234,9 @@ class RowKeepWords {
   uint64_t sample_ = 0;
 };
 
-// Adds value(c, q) (the vector of columns c .. c + kVecLanes - 1, the q-th of its stripe)
-// for every c of a row, in order, into the contract's stripe accumulators `sum` (groups x
-// kStripe, each starting at +0). With one group and AVX-512 a stripe's accumulators are 16
+// Adds value(c) (the vector of columns c .. c + kVecLanes - 1) for every c of a row, in
+// order, into the contract's stripe accumulators `sum` (groups x kStripe, each starting at
+// +0). With one group and AVX-512 a stripe's accumulators are 16
 // registers (a load and a store fewer per vector); else they live in `sum`.
 template <typename Value>
 void add_to_stripes(float* __restrict sum, int64_t cols, int groups, Value&& value) {
@@ -250,7 +250,7 @@ void add_to_stripes(float* __restrict sum, int64_t cols, int groups, Value&& val
       const int64_t vectors = std::min<int64_t>(kStripe, cols - s0) / kVecLanes;
 #pragma GCC unroll 16
       for (int q = 0; q < kPerStripe; ++q) {
-        if (q < vectors) acc[q] = add_vec(acc[q], value(s0 + q * kVecLanes, q));
+        if (q < vectors) acc[q] = add_vec(acc[q], value(s0 + q * kVecLanes));
       }
     }
     for (int q = 0; q < kPerStripe; ++q) store_vec(sum + q * kVecLanes, acc[q]);
@@ -263,7 +263,7 @@ void add_to_stripes(float* __restrict sum, int64_t cols, int groups, Value&& val
     const bool first = s < groups;  // the group's first stripe: its accumulators start at +0
     for (int64_t c = s0; c < end; c += kVecLanes) {
       const FVec before = first ? zero : load_vec(stripe + c);
-      store_vec(stripe + c, add_vec(before, value(c, static_cast<int>((c - s0) / kVecLanes))));
+      store_vec(stripe + c, add_vec(before, value(c)));
     }
   }
 }
@@ -285,13 +285,12 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
   const FVec scale = splat(AffineConsts<float>::make(a.affine).scale);
   constexpr uint32_t kLaneBits = (1u << kVecLanes) - 1;
   // Sweep 1: h, stored and kept as stored, added into S(h) or S(h^2).
-  uint64_t bits = 0;  // the keep bits of columns c .. c + 63
-  add_to_stripes(sum, cols, groups, [&](int64_t c, int q) {
-    constexpr int kPerWord = kVectorRowMultiple / kVecLanes;
-    if (q % kPerWord == 0) bits = keep.get(c);
+  uint64_t bits = 0;  // the keep bits of columns c .. c + 63, shifted down as they are used
+  add_to_stripes(sum, cols, groups, [&](int64_t c) {
+    if (c % kVectorRowMultiple == 0) bits = keep.get(c);
     const FVec in = add_vec(load_vec(x + c), load_vec(input_bias + c));
-    FVec t =
-        keep_mul(static_cast<uint32_t>(bits >> (q % kPerWord * kVecLanes)) & kLaneBits, in, scale);
+    FVec t = keep_mul(static_cast<uint32_t>(bits) & kLaneBits, in, scale);
+    bits >>= kVecLanes;
     if constexpr (kResidual) t = add_vec(t, load_vec(res + c));
     t = round_for(h, t);
     if constexpr (kH == HStore::kPlain) store_rounded(h + c, t);
@@ -307,7 +306,7 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
     // Sweep 2: S((h - mean)^2).
     stats.mean = row_mean(stripe_tree(sum, groups), cols);
     const FVec mean = splat(stats.mean);
-    add_to_stripes(sum, cols, groups, [=](int64_t c, int) {
+    add_to_stripes(sum, cols, groups, [=](int64_t c) {
       const FVec d = sub_vec(load_vec(hs + c), mean);
       return mul_vec(d, d);
     });
@@ -424,19 +423,24 @@ void backward_row_vector(const NormBackwardArgs& a, const VectorBackwardArgs& v,
         const FVec t = mul_vec(xh, c1);
         FVec dh = mul_vec(sub_vec(g, kRms ? t : add_vec(t, c2)), rstd);
         if (dh_in) dh = add_vec(dh, load_vec(dh_in + e));
-        if constexpr (kGradH) store(grad_h + e, round_for(grad_h, dh));
-        const FVec out = round_for(
-            grad_input,
-            keep_mul(static_cast<uint32_t>(bits >> (q * kVecLanes)) & kLaneBits, dh, scale));
-        store(grad_input + e, out);
-        if (pib) store_vec(pib + e, add_vec(load_vec(pib + e), out));
+        if constexpr (kGradH) store(grad_h + e, dh);
+        const FVec out =
+            keep_mul(static_cast<uint32_t>(bits >> (q * kVecLanes)) & kLaneBits, dh, scale);
+        if (pib) {  // the input bias's partial adds the input's gradient as stored
+          const FVec stored = round_for(grad_input, out);
+          store(grad_input + e, stored);  // rounding a rounded value again gives it back
+          store_vec(pib + e, add_vec(load_vec(pib + e), stored));
+        } else {
+          store(grad_input + e, out);
+        }
       }
     }
   };
+  // store(p, v): v rounded to p's type and stored (bf16: no round trip through fp32).
   if (v.stream) {
-    sweep2([](auto* p, FVec x) { stream_rounded(p, x); });
+    sweep2([](auto* p, FVec x) { stream_vec(p, x); });
   } else {
-    sweep2([](auto* p, FVec x) { store_rounded(p, x); });
+    sweep2([](auto* p, FVec x) { store_vec(p, x); });
   }
 }
 #endif

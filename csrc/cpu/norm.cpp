@@ -258,7 +258,7 @@ void add_to_stripes(float* __restrict sum, int64_t cols, int groups, Value&& val
   }
 #endif
   for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
-    float* __restrict stripe = sum + s % groups * kStripe - s0;  // indexed by column
+    float* __restrict stripe = sum + stripe_group(s, groups) * kStripe - s0;  // indexed by column
     const int64_t end = std::min(cols, s0 + kStripe);
     const bool first = s < groups;  // the group's first stripe: its accumulators start at +0
     for (int64_t c = s0; c < end; c += kVecLanes) {
@@ -380,8 +380,8 @@ void backward_row_vector(const NormBackwardArgs& a, const VectorBackwardArgs& v,
   float* __restrict pb = v.p_bias;
   const FVec zero = splat(0.0f);
   for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
-    float* __restrict agx = v.sum_gx + s % groups * kStripe - s0;  // indexed by column
-    float* __restrict ag = v.sum_g + s % groups * kStripe - s0;
+    float* __restrict agx = v.sum_gx + stripe_group(s, groups) * kStripe - s0;  // indexed by column
+    float* __restrict ag = v.sum_g + stripe_group(s, groups) * kStripe - s0;
     const int64_t end = std::min(cols, s0 + kStripe);
     const bool first = s < groups;  // the group's first stripe: its accumulators start at +0
     for (int64_t c = s0; c < end; c += kVecLanes) {
@@ -517,7 +517,7 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Lane
         const AffineConsts<acc> mc = consts;
         std::fill(sum, sum + groups * kStripe, acc(0));
         for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
-          acc* __restrict stripe = sum + (s % groups) * kStripe;
+          acc* __restrict stripe = sum + stripe_group(s, groups) * kStripe;
           const int64_t len = std::min<int64_t>(kStripe, cols - s0);
           for (int64_t j = 0; j < len; ++j) {
             const int64_t c = s0 + j;
@@ -547,7 +547,7 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Lane
         const acc mean = stats.mean;
         std::fill(sum, sum + groups * kStripe, acc(0));
         for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
-          acc* __restrict stripe = sum + (s % groups) * kStripe;
+          acc* __restrict stripe = sum + stripe_group(s, groups) * kStripe;
           const int64_t len = std::min<int64_t>(kStripe, cols - s0);
           for (int64_t j = 0; j < len; ++j) {
             const acc d = sub_rn(hs[s0 + j], mean);
@@ -690,8 +690,8 @@ void backward_typed(Variant<D, kWide, kRms>, const NormBackwardArgs& a, const La
           acc* __restrict cw = pw;
           acc* __restrict cb = pb;
           for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
-            acc* __restrict agx = sum_gx + (s % groups) * kStripe - s0;
-            acc* __restrict ag = sum_g + (s % groups) * kStripe - s0;
+            acc* __restrict agx = sum_gx + stripe_group(s, groups) * kStripe - s0;
+            acc* __restrict ag = sum_g + stripe_group(s, groups) * kStripe - s0;
             const int64_t end = std::min<int64_t>(cols, s0 + kStripe);
             for (int64_t c = s0; c < end; ++c) {
               const acc xh = xhat_at(from_y, c);

@@ -236,8 +236,8 @@ class RowKeepWords {
 
 // Adds value(c) (the vector of columns c .. c + kVecLanes - 1) for every c of a row, in
 // order, into the contract's stripe accumulators `sum` (groups x kStripe, each starting at
-// +0). With one group and AVX-512 a stripe's accumulators are 16
-// registers (a load and a store fewer per vector); else they live in `sum`.
+// +0). With one group and AVX-512 a stripe's accumulators are 16 registers (a load and a
+// store fewer per vector); else they live in `sum`.
 template <typename Value>
 void add_to_stripes(float* __restrict sum, int64_t cols, int groups, Value&& value) {
   constexpr int kPerStripe = kStripe / kVecLanes;

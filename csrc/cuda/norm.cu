@@ -673,9 +673,8 @@ __device__ __forceinline__ RowStats<acc> saved_stats(const NormBackwardArgs& a, 
 // A block per block of kRowBlock rows (grid-stride): the rows' c1, c2 (kWarps / G rows at a
 // time), then per chunk the rows in order: gradients, and the block's column partials.
 // kVector: rows of whole 16-byte chunks (cols % 8 == 0, vec_rows, vec_cols), known at compile
-// time so that no load or store of either pass is a branch. Its variants fit
-// 128 registers (2 blocks an SM) but fp64's; the others may take more (given 128, fp32 spilled
-// on sm_80).
+// time so that no load or store of either pass is a branch. Its variants fit 128 registers (2
+// blocks an SM) but fp64's; the others may take more (given 128, fp32 spilled on sm_80).
 template <DType D, bool kWide, bool kRms, bool kVector>
 __global__ void __launch_bounds__(kThreads, kVector&& D != DType::kDouble ? 2 : 1)
     norm_backward_kernel(const BackwardParams<typename Dev<D>::acc> p) {

@@ -47,7 +47,10 @@ def keep_heap() -> bool:
     faulted in and zeroed (measured on the 2-core Zen 4 at BERT size, fp32: 300 to 1,800 page
     faults a call, call times 1x to 7x apart from run to run), which drowns the kernels'
     differences. False where the C library is not glibc."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):  # no C library by that name (Windows: None is no path)
+        return False
     if not hasattr(libc, "mallopt"):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h

@@ -150,7 +150,7 @@ def test_norm_model_finds_the_vector_paths_of_the_norm_kernels(analyzed):
     vector path at every hidden size from 768 to 8192, the forward's with one Philox call per 8
     elements and every element squared once (norm_forward_path). Every one is memory-bound on
     an H200 with at least 1.5x headroom (fp16/bf16 forward 1.51-1.82x, fp16/bf16 backward
-    1.58-1.73x). A static model of the SASS, not a measurement."""
+    1.65-1.76x). A static model of the SASS, not a measurement."""
     found = analyzed["sm_90"]
     norms = {k.name: k for k in found if kernels.is_modelled_norm(k)}
     assert sorted(norms) == sorted(

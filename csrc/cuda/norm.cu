@@ -196,9 +196,18 @@ __device__ __forceinline__ uint32_t chunk_keep(const PhiloxStream& stream, const
   return bits & 0xFFu;
 }
 
-// v[j] = masked_value(keep of element j, v[j]) for a chunk whose 8 elements are counter group g
-// (a row of whole chunks). Without a tie (all but about 8 * 2^-16 of the groups) the first draw
-// decides every element straight from its number, never packed into bits: dropout.cu's path.
+// v[j] = masked_value(keep of element j, v[j]) for a chunk's keep bits (bit j: element j).
+template <typename acc>
+__device__ __forceinline__ void mask_bits(uint32_t bits, const AffineConsts<acc>& consts,
+                                          acc (&v)[kChunk]) {
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j)
+    v[j] = masked_value<false>(((bits >> j) & 1u) != 0, v[j], consts);
+}
+
+// The same for a chunk whose 8 elements are counter group g (a row of whole chunks). Without a
+// tie (all but about 8 * 2^-16 of the groups) the first draw decides every element straight
+// from its number, never packed into bits: dropout.cu's path.
 template <typename acc>
 __device__ __forceinline__ void mask_group(const PhiloxStream& stream, const KeepRule& rule,
                                            uint64_t g, const AffineConsts<acc>& consts,
@@ -209,20 +218,17 @@ __device__ __forceinline__ void mask_group(const PhiloxStream& stream, const Kee
     for (int j = 0; j < kChunk; ++j)
       v[j] = masked_value<false>(first_draw_keeps(b, j, rule), v[j], consts);
   } else {  // the whole rule, recomputed: sharing nothing keeps it off the common path
-    const uint32_t bits = keep_bits8(stream, rule, g);
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j)
-      v[j] = masked_value<false>(((bits >> j) & 1u) != 0, v[j], consts);
+    mask_bits(keep_bits8(stream, rule, g), consts, v);
   }
 }
 
-// The same from the chunk's keep bits (bit j: element j).
-template <typename acc>
-__device__ __forceinline__ void mask_bits(uint32_t bits, const AffineConsts<acc>& consts,
-                                          acc (&v)[kChunk]) {
-#pragma unroll
-  for (int j = 0; j < kChunk; ++j)
-    v[j] = masked_value<false>(((bits >> j) & 1u) != 0, v[j], consts);
+// The keep bits of every element of row r under a per-sample mask: all or none, by the draw of
+// the row's sample (rows_per_sample rows a sample).
+__device__ __forceinline__ uint32_t sample_bits(const PhiloxStream& stream, const KeepRule& rule,
+                                                int64_t r, int64_t rows_per_sample) {
+  const uint64_t m = static_cast<uint64_t>(r / rows_per_sample);
+  const uint32_t bit = keep_bits8(stream, rule, m / kMaskPerCall) >> (m % kMaskPerCall);
+  return (bit & 1u) != 0 ? 0xFFu : 0u;
 }
 
 // Where the calling thread stands in a block of kWarps warps of which each G make one row.
@@ -236,6 +242,23 @@ struct RowSlot {
     return {groups, warp / groups, warp % groups, static_cast<int>(threadIdx.x)};
   }
 };
+
+// The lane's chunks of a row of n elements are first, first + stride, ... (first = g * 32 + t,
+// stride = G * 32; a row's last stripe may end before the lane's chunk). `groups` is the
+// kernel parameter's G: read as a uniform operand, where s.groups (a register) made the bf16
+// forward 0.2 instructions per element longer. How many the lane has (32-bit: a 64-bit
+// division is a subroutine call):
+__device__ __forceinline__ int lane_chunk_count(const RowSlot& s, int groups, int64_t n) {
+  const int chunks = static_cast<int>((n + kChunk - 1) / kChunk);
+  const int first = s.group * kLanes + s.lane, stride = groups * kLanes;
+  return first < chunks ? (chunks - first + stride - 1) / stride : 0;
+}
+// and the first element of its k-th, in k's type (int for the register cache's short rows:
+// 32-bit offsets make its forward 0.1-0.2 instructions per element shorter).
+template <typename I>
+__device__ __forceinline__ I lane_chunk_start(const RowSlot& s, int groups, I k) {
+  return ((s.group + k * groups) * kLanes + s.lane) * I(kChunk);
+}
 
 // The contract's total of a row from each lane's 8 accumulators: chunk_tree, the lane tree
 // (xor butterfly), the group tree (shared memory). Every thread of the block calls it.
@@ -475,28 +498,14 @@ __global__ void __launch_bounds__(kThreads, kCacheChunks > 0 || D == DType::kDou
   const RowSlot s = RowSlot::make(p.groups);
   const int64_t n = a.cols;
   const int rows_per_block = kWarps / p.groups;
-  // How many of a row's chunks are the lane's (chunk first, first + stride, ...; a row's last
-  // stripe may end before the lane's chunk), and the first element of its k-th (int with an int
-  // k: the register cache's rows are short, and 32-bit offsets make its forward 0.1-0.2
-  // instructions per element shorter by bench/kernels.py). 32-bit: a 64-bit division is a
-  // subroutine call.
-  const int chunks = static_cast<int>((n + kChunk - 1) / kChunk);
-  const int first = s.group * kLanes + s.lane, stride = p.groups * kLanes;
-  const int lane_chunks = first < chunks ? (chunks - first + stride - 1) / stride : 0;
-  const auto chunk_start = [&](auto k) {
-    return ((s.group + k * p.groups) * kLanes + s.lane) * decltype(k)(kChunk);
-  };
+  const int lane_chunks = lane_chunk_count(s, p.groups, n);
   for (int64_t base = int64_t(blockIdx.x) * rows_per_block; base < a.rows;
        base += int64_t(gridDim.x) * rows_per_block) {
     const int64_t r = base + s.slot;
     const bool live = r < a.rows;
     const int own = live ? lane_chunks : 0;  // a slot past the last row joins the trees with zeros
     uint32_t row_bits = 0xFFu;               // p == 0: every element kept
-    if (p.draws_per_sample && live) {
-      const uint64_t m = static_cast<uint64_t>(r / a.rows_per_sample);
-      const uint32_t bit = keep_bits8(stream, p.rule, m / kMaskPerCall) >> (m % kMaskPerCall);
-      row_bits = (bit & 1u) != 0 ? 0xFFu : 0u;
-    }
+    if (p.draws_per_sample && live) row_bits = sample_bits(stream, p.rule, r, a.rows_per_sample);
     const ForwardRow<D, kWide> row =
         ForwardRow<D, kWide>::make(a, p.draws_each, live ? r : 0, row_bits);
     RowStats<acc> stats{acc(0), acc(0)};
@@ -509,20 +518,21 @@ __global__ void __launch_bounds__(kThreads, kCacheChunks > 0 || D == DType::kDou
 #pragma unroll
       for (int k = 0; k < kCacheChunks; ++k) {
         if (k == own) break;  // one test past the lane's last chunk, not one per absent chunk
-        chunk_x<D, kWide, true>(p, row, chunk_start(k), hv[k]);
+        chunk_x<D, kWide, true>(p, row, lane_chunk_start(s, p.groups, k), hv[k]);
       }
       if (a.input_bias != nullptr) {
 #pragma unroll
         for (int k = 0; k < kCacheChunks; ++k) {
           if (k == own) break;
-          add_input_bias<D, true>(p, chunk_start(k), hv[k]);
+          add_input_bias<D, true>(p, lane_chunk_start(s, p.groups, k), hv[k]);
         }
       }
 #pragma unroll
       for (int k = 0; k < kCacheChunks; ++k) {
         if (k == own) break;
         // a NaN h is fixed below: one test a row, not one a chunk
-        chunk_h_of<D, kWide, true, true>(p, stream, row, chunk_start(k), true, hv[k], hv[k]);
+        chunk_h_of<D, kWide, true, true>(p, stream, row, lane_chunk_start(s, p.groups, k), true,
+                                         hv[k], hv[k]);
         accumulate<false, true>(sums, hv[k], 0, n);
       }
       // A NaN h makes its accumulator NaN: then the lane stores its h again, the NaNs fixed (an
@@ -535,7 +545,7 @@ __global__ void __launch_bounds__(kThreads, kCacheChunks > 0 || D == DType::kDou
 #pragma unroll
           for (int k = 0; k < kCacheChunks; ++k) {
             if (k == own) break;
-            store_h<D, kWide>(p, row, chunk_start(k), hv[k]);  // hv: h as stored
+            store_h<D, kWide>(p, row, lane_chunk_start(s, p.groups, k), hv[k]);  // hv: h as stored
           }
         }
       }
@@ -552,7 +562,7 @@ __global__ void __launch_bounds__(kThreads, kCacheChunks > 0 || D == DType::kDou
 #pragma unroll
       for (int k = 0; k < kCacheChunks; ++k) {
         if (k == own) break;
-        chunk_y<D, kWide, true>(p, row, chunk_start(k), hv[k], stats.rstd);
+        chunk_y<D, kWide, true>(p, row, lane_chunk_start(s, p.groups, k), hv[k], stats.rstd);
       }
     } else {
       acc hv[kChunk];
@@ -560,7 +570,7 @@ __global__ void __launch_bounds__(kThreads, kCacheChunks > 0 || D == DType::kDou
         zero(sums);
 #pragma unroll 1
         for (int k = 0; k < own; ++k) {
-          const int64_t c0 = chunk_start(int64_t(k));
+          const int64_t c0 = lane_chunk_start(s, p.groups, int64_t(k));
           chunk_h<D, kWide, false>(p, stream, row, c0, true, hv);
           accumulate<false, false>(sums, hv, c0, n);
         }
@@ -569,7 +579,7 @@ __global__ void __launch_bounds__(kThreads, kCacheChunks > 0 || D == DType::kDou
       zero(sums);
 #pragma unroll 1
       for (int k = 0; k < own; ++k) {
-        const int64_t c0 = chunk_start(int64_t(k));
+        const int64_t c0 = lane_chunk_start(s, p.groups, int64_t(k));
         chunk_h<D, kWide, false>(p, stream, row, c0, kRms, hv);
         to_deviations<kRms>(hv, stats.mean);
         accumulate<true, false>(sums, hv, c0, n);
@@ -577,7 +587,7 @@ __global__ void __launch_bounds__(kThreads, kCacheChunks > 0 || D == DType::kDou
       stats.rstd = row_rstd(row_total(sums, s), n, p.eps);
 #pragma unroll 1
       for (int k = 0; k < own; ++k) {
-        const int64_t c0 = chunk_start(int64_t(k));
+        const int64_t c0 = lane_chunk_start(s, p.groups, int64_t(k));
         chunk_h<D, kWide, false>(p, stream, row, c0, false, hv);
         to_deviations<kRms>(hv, stats.mean);
         chunk_y<D, kWide, false>(p, row, c0, hv, stats.rstd);
@@ -688,10 +698,7 @@ __global__ void __launch_bounds__(kThreads, kVector&& D != DType::kDouble ? 2 : 
   const RowSlot s = RowSlot::make(p.groups);
   const int64_t n = a.cols;
   const int rows_at_once = kWarps / p.groups;
-  // the lane's chunks of a row (as the forward's)
-  const int chunks = static_cast<int>((n + kChunk - 1) / kChunk);
-  const int first = s.group * kLanes + s.lane, stride = p.groups * kLanes;
-  const int own = first < chunks ? (chunks - first + stride - 1) / stride : 0;
+  const int own = lane_chunk_count(s, p.groups, n);
   const int64_t blocks = row_blocks(a.rows);
   const int thread = static_cast<int>(threadIdx.y) * kLanes + static_cast<int>(threadIdx.x);
   // the block's rows' constants and statistics, for the second pass: one 16-byte (fp32) load a row
@@ -699,6 +706,8 @@ __global__ void __launch_bounds__(kThreads, kVector&& D != DType::kDouble ? 2 : 
     acc c1, c2, mean, rstd;
   };
   __shared__ RowConsts consts[kRowBlock];
+  // the rows' keep bits when they are not drawn per element: per sample, or all (p == 0)
+  __shared__ uint32_t row_bits[kRowBlock];
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
     const int64_t r0 = b * kRowBlock;
     const int64_t left = a.rows - r0;
@@ -714,7 +723,7 @@ __global__ void __launch_bounds__(kThreads, kVector&& D != DType::kDouble ? 2 : 
       if (live) {
         stats = saved_stats<acc>(a, kRms, r);
         for (int k = 0; k < own; ++k) {
-          const int64_t c0 = int64_t(first + k * stride) * kChunk;
+          const int64_t c0 = lane_chunk_start(s, p.groups, k);
           GradColumns<acc> cols;
           load_grad_columns<D>(p, c0, kVector, cols);
           acc xhat[kChunk], dy[kChunk], g[kChunk];
@@ -740,6 +749,8 @@ __global__ void __launch_bounds__(kThreads, kVector&& D != DType::kDouble ? 2 : 
       if (live && s.group == 0 && s.lane == 0) {
         consts[i] = {row_mean(total_gx, n), kRms ? acc(0) : row_mean(total_g, n), stats.mean,
                      stats.rstd};
+        row_bits[i] =
+            p.draws_per_sample ? sample_bits(stream, p.rule, r, a.rows_per_sample) : 0xFFu;
       }
     }
     __syncthreads();
@@ -753,7 +764,6 @@ __global__ void __launch_bounds__(kThreads, kVector&& D != DType::kDouble ? 2 : 
       load_grad_columns<D>(p, c0, kVector, cols);
       int64_t at = r0 * n;  // the row's first element
       for (int i = 0; i < in_block; ++i, at += n) {
-        const int64_t r = r0 + i;
         const RowConsts row = consts[i];
         const RowStats<acc> stats{row.mean, row.rstd};
         acc xhat[kChunk], dy[kChunk], g[kChunk];
@@ -779,13 +789,8 @@ __global__ void __launch_bounds__(kThreads, kVector&& D != DType::kDouble ? 2 : 
           mask_group(stream, p.rule, m / kMaskPerCall, p.consts, dxv);
         } else if (p.draws_each) {
           mask_bits(chunk_keep(stream, p.rule, m), p.consts, dxv);
-        } else if (p.draws_per_sample) {
-          const uint64_t sample = static_cast<uint64_t>(r / a.rows_per_sample);
-          const uint32_t bit =
-              keep_bits8(stream, p.rule, sample / kMaskPerCall) >> (sample % kMaskPerCall);
-          mask_bits((bit & 1u) != 0 ? 0xFFu : 0u, p.consts, dxv);
         } else {
-          mask_bits(0xFFu, p.consts, dxv);  // p == 0
+          mask_bits(row_bits[i], p.consts, dxv);  // drawn once a row by the first pass
         }
         Chunk<raw> dx;
         if (a.grad_h != nullptr) round_chunk<kWide ? DType::kFloat : D>(dh, grad_h);

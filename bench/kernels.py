@@ -405,9 +405,9 @@ def steady_state_path(
 
     For the norm backward's loops: ``draws=False`` asks for a path with no Philox multiply,
     ``exact`` for exactly ``loads`` and ``stores`` (not at least); ``only``: these loops
-    (loop_edges) alone, in this order; ``sure_loads``: a block's loads counted as
-    _sure_loads(one_sided=True) does (a weight in fp32 or in the dtype is two predicated
-    loads, of which one runs). (The norm forward has its own search: norm_forward_path.)"""
+    (loop_edges) alone, in this order; ``sure_loads``: a block's loads counted as _sure_loads
+    does (a weight in fp32 or in the dtype is two predicated loads, of which one runs). (The
+    norm forward has its own search: norm_forward_path.)"""
     index = {a: i for i, (a, _) in enumerate(instrs)}
     back_edges = loop_edges(instrs)
     need = (loads, stores)
@@ -419,7 +419,7 @@ def steady_state_path(
         blocks = _loop_blocks(instrs, lo, hi)
         if sure_loads:
             for block in blocks.values():
-                block.ldg128 = _sure_loads(block.text, one_sided=True)
+                block.ldg128 = _sure_loads(block.text)
         # DP over the blocks in address order. State on entering a block: (Philox
         # multiplies capped at enough, capped loads, capped stores) -> the least (Philox
         # multiplies, instructions) that reaches it, and the state it came from. Both add up
@@ -852,11 +852,11 @@ def _is_square(ins: str) -> bool:
     return opcode(ins) == "FMUL" and len(ops) == 3 and ops[1] == ops[2] and ops[1] != "RZ"
 
 
-def _sure_loads(text: list[str], one_sided: bool = False) -> int:
-    """The 16-byte loads of a block that run whatever its predicates: the unpredicated ones,
-    and of those under @P and @!P of one predicate, the fewer (one side runs). ``one_sided``:
-    also those under a predicate with no load on its other side (an operand's load where the
-    call has every operand)."""
+def _sure_loads(text: list[str]) -> int:
+    """The 16-byte loads of a block that run when the call has every operand: the
+    unpredicated ones, those under a predicate with no load on its other side (an operand's
+    load), and of those under @P and @!P of one predicate, the fewer (one side runs: a weight
+    in fp32 or in the dtype)."""
     sure, guarded = 0, Counter()
     for ins in text:
         if not (opcode(ins).startswith("LDG.") and ".128" in opcode(ins)):
@@ -869,7 +869,7 @@ def _sure_loads(text: list[str], one_sided: bool = False) -> int:
     sides = {p for p, _ in guarded}
     for p in sides:
         pos, neg = guarded[(p, False)], guarded[(p, True)]
-        sure += min(pos, neg) if pos and neg else (pos + neg) * one_sided
+        sure += min(pos, neg) if pos and neg else pos + neg
     return sure
 
 

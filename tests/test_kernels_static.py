@@ -170,9 +170,9 @@ def test_norm_model_finds_the_vector_paths_of_the_norm_kernels(analyzed):
 
 
 def test_sure_loads_counts_one_side_of_a_predicate():
-    """The loads a block runs whatever its predicates: a weight in fp32 (@P0, two vectors) or
-    in the dtype (@!P0, one) is one load; one under @P1 alone (an operand that may be absent)
-    counts only with one_sided, as the norm backward's search asks."""
+    """The loads a block runs when the call has every operand: a weight in fp32 (@P0, two
+    vectors) or in the dtype (@!P0, one) is one load; one under @P1 alone (an operand's) is
+    one; a narrower load is none."""
     block = [
         "LDG.E.128 R4, desc[UR4][R2.64]",
         "@P0 LDG.E.128 R8, desc[UR4][R6.64]",
@@ -181,5 +181,5 @@ def test_sure_loads_counts_one_side_of_a_predicate():
         "@P1 LDG.E.128 R20, desc[UR4][R14.64]",
         "LDG.E R24, desc[UR4][R18.64]",
     ]
-    assert kernels._sure_loads(block) == 2
-    assert kernels._sure_loads(block, one_sided=True) == 3
+    assert kernels._sure_loads(block) == 3
+    assert kernels._sure_loads(block[:4]) == 2  # the unpredicated one and one side of P0

@@ -58,6 +58,56 @@ struct LaneStream : PhiloxStream {
   }
 };
 
+#if defined(FD_CPU_AVX512)
+// The first-draw words of the kBatches batches from counter group g0 (batch i:
+// groups g0 + i * kPhiloxLanes ..), round by round. Each counter word sits in a 64-bit lane
+// (8 counters per register, two registers per batch), of which only the low half counts:
+// vpmuludq multiplies low halves and leaves hi:lo in place, so a round is 2 multiplies, 2
+// shifts and 2 three-way xors per register (12 instructions per 16 counters, against 16
+// with the words packed, which need blends to pack each product again). The words are
+// packed into 32-bit lanes once, after the last round.
+void philox_blocks(const LaneStream& stream, uint64_t g0, BlockWords (&out)[kBatches]) {
+  constexpr int kHalves = kPhiloxLanes / 8;
+  constexpr int kXor3 = 0x96;  // vpternlog: a ^ b ^ c
+  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  __m512i c[kBatches][kHalves][4];
+  for (int i = 0; i < kBatches; ++i) {
+    for (int h = 0; h < kHalves; ++h) {
+      const __m512i g = _mm512_add_epi64(
+          lane, _mm512_set1_epi64(static_cast<long long>(g0 + uint64_t(i) * kPhiloxLanes + 8 * h)));
+      c[i][h][0] = _mm512_set1_epi64(stream.o_lo);
+      c[i][h][1] = _mm512_set1_epi64(stream.o_hi);
+      c[i][h][2] = g;                         // g_lo in the low half
+      c[i][h][3] = _mm512_srli_epi64(g, 32);  // g_hi, the carry included
+    }
+  }
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+#pragma GCC unroll 10
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    // the round keys, in every 32-bit lane: in the low half of each 64-bit one too
+    const __m512i k0 = reinterpret_cast<__m512i>(stream.k0[r]);
+    const __m512i k1 = reinterpret_cast<__m512i>(stream.k1[r]);
+    for (int i = 0; i < kBatches; ++i) {
+      for (auto& w : c[i]) {  // philox_round, on 64-bit lanes
+        const __m512i p0 = _mm512_mul_epu32(w[0], m0), p1 = _mm512_mul_epu32(w[2], m1);
+        w[0] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), w[1], k0, kXor3);
+        w[2] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), w[3], k1, kXor3);
+        w[1] = p1;  // lo1 in the low half
+        w[3] = p0;
+      }
+    }
+  }
+  // The low halves of both registers, in lane order.
+  const __m512i low_halves =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (int i = 0; i < kBatches; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      out[i].w[j] =
+          reinterpret_cast<LaneVec>(_mm512_permutex2var_epi32(c[i][0][j], low_halves, c[i][1][j]));
+    }
+  }
+}
+#else
 // The first-draw words of the kBatches batches from counter group g0 (batch i:
 // groups g0 + i * kPhiloxLanes ..), round by round.
 void philox_blocks(const LaneStream& stream, uint64_t g0, BlockWords (&out)[kBatches]) {
@@ -83,6 +133,7 @@ void philox_blocks(const LaneStream& stream, uint64_t g0, BlockWords (&out)[kBat
   }
   for (int i = 0; i < kBatches; ++i) out[i] = {{c[i][0], c[i][1], c[i][2], c[i][3]}};
 }
+#endif
 
 // Keep bits of the kBlock mask elements of a block: bit j of word j / 64 is
 // element 8 * g0 + j, so byte l is counter group g0 + l.

@@ -234,7 +234,7 @@ def dropout_add_norm_backward(
 
 
 def cpu_capability() -> str:
-    """The CPU path the kernels run: ``"default"``, ``"avx2"`` or ``"avx512"``."""
+    """The CPU path the kernels run: ``"default"``, ``"avx2"``, ``"avx512"`` or ``"avx512bf16"``."""
     return torch.ops.fused_dropout.cpu_capability()
 
 

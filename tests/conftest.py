@@ -7,8 +7,8 @@
 - torch.compile caches under ``.inductor-cache/<hash of csrc/ops.cpp>`` (see below).
 - Marker ``gpu``: skipped when ``torch.cuda.is_available()`` is False. Marker ``slow``: CI runs
   them; ``-m 'not slow'`` leaves them out. Marker ``cpu_paths``: a test that compares kernel
-  output bit for bit runs once on each CPU path (default, avx2, avx512) this CPU can run, from
-  the one build (ids ``cpu_<path>``).
+  output bit for bit runs once on each CPU path (default, avx2, avx512, avx512bf16) this CPU can
+  run, from the one build (ids ``cpu_<path>``).
 - The whole suite runs on two processes (pytest-xdist, whole files each; see WORKERS).
 - Fixtures: ``device`` ("cpu", and "cuda" marked ``gpu``), ``extension_built_with_cuda``.
 """

@@ -122,12 +122,13 @@ def _functions(library: str) -> dict[str, list[str]]:
 
 def assert_avx_only_in_capability_code(library: str) -> None:
     """The linked library, as the linker made it: no instruction of AVX or later (VEX/EVEX:
-    v-mnemonics) outside the functions of the avx2 and avx512 kernel objects, and no AVX-512
-    register in the avx2 ones, so generic code runs on any x86-64 CPU (objdump)."""
+    v-mnemonics) outside the functions of the avx2 and avx512(bf16) kernel objects, and no
+    AVX-512 register in the avx2 ones, so generic code runs on any x86-64 CPU (objdump)."""
     functions = _functions(library)
-    seen = {"default": 0, "avx2": 0, "avx512": 0}
+    caps = ("avx512bf16", "avx512", "avx2", "default")
+    seen = dict.fromkeys(caps, 0)
     for name, lines in functions.items():
-        cap = next((c for c in ("avx512", "avx2", "default") if f"cpu_{c}::" in name), None)
+        cap = next((c for c in caps if f"cpu_{c}::" in name), None)
         if cap is not None:
             seen[cap] += 1
         mnemonics = [ln.split()[0] for ln in lines if ln.split()]
@@ -137,5 +138,8 @@ def assert_avx_only_in_capability_code(library: str) -> None:
         elif cap == "avx2":
             assert not any(re.search(r"%zmm|%k[0-7]", ln) for ln in lines), name
     assert all(seen.values()), seen  # the symbols are there (an unstripped library)
-    avx512 = [ln for n, lines in functions.items() if "cpu_avx512::" in n for ln in lines]
-    assert any("%zmm" in ln for ln in avx512)
+    for cap in ("avx512", "avx512bf16"):
+        code = [ln for n, lines in functions.items() if f"cpu_{cap}::" in n for ln in lines]
+        assert any("%zmm" in ln for ln in code), cap
+    bf16 = [ln for n, lines in functions.items() if "cpu_avx512bf16::" in n for ln in lines]
+    assert any("vcvtneps2bf16" in ln for ln in bf16)  # what that path is for

@@ -124,7 +124,7 @@ def test_the_symbol_check_catches_an_inline_function_emitted_out_of_line(tmp_pat
 
 
 @NEEDS_BINUTILS
-@pytest.mark.skipif(len(ops.cpu_capabilities()) < 3, reason="x86-64 only (AVX2, AVX-512)")
+@pytest.mark.skipif(len(ops.cpu_capabilities()) == 1, reason="x86-64 only (AVX2, AVX-512)")
 def test_only_capability_code_in_the_library_uses_avx():
     assert_avx_only_in_capability_code(_loader.load())
 
@@ -157,7 +157,7 @@ def test_the_best_runnable_path_runs_and_each_runnable_one_can_be_chosen():
 def test_a_path_the_cpu_cannot_run_is_refused_with_what_it_lacks(monkeypatch):
     monkeypatch.setenv("FUSED_DROPOUT_CPU_HIDE", "avx512bw,avx512vl,f16c")
     start = ops.cpu_capability()
-    if len(ops.cpu_capabilities()) == 3:
+    if len(ops.cpu_capabilities()) > 1:
         assert {"f16c", "avx512bw", "avx512vl"} <= set(ops.cpu_capability_missing("avx512"))
         assert ops.cpu_capability_missing("avx2") == ["f16c"]
         with pytest.raises(RuntimeError) as info:
@@ -185,7 +185,7 @@ def test_environment_forces_a_lower_path_at_load():
     assert r.returncode == 0 and r.stdout.split() == ["default"], r.stderr
 
 
-@pytest.mark.skipif(len(ops.cpu_capabilities()) < 3, reason="x86-64 only (AVX2, AVX-512)")
+@pytest.mark.skipif(len(ops.cpu_capabilities()) == 1, reason="x86-64 only (AVX2, AVX-512)")
 def test_environment_asking_more_than_the_cpu_has_fails_the_import_with_the_reason():
     r = _import_with(FUSED_DROPOUT_CPU_CAPABILITY="avx512", FUSED_DROPOUT_CPU_HIDE="avx512bw")
     assert r.returncode != 0

@@ -512,13 +512,23 @@ def _bf16_nan_cases():
     """name -> call() -> (output, reference): every op whose bf16 result can be NaN, through
     every CPU path: whole blocks and the tail, runs sharing a flag (mask over samples), the
     channels of a channels-last tensor, the alpha map, in place, backward, the fused adds (a
-    kept NaN, a NaN residual, inf - inf with the residual or the bias), p = 0's fused add."""
+    kept NaN, a NaN residual, inf - inf with the residual or the bias), p = 0's fused add, the
+    fused norm's y and h (rows of 517: scalar rows; of 192: vector rows)."""
     so, p = (77, 8), 0.3
     # rows of 517: whole blocks inside a row (bias), a row's tail of 5 (per-sample runs)
     x, r, b = bf16_with_nans((40, 517), 1), bf16_with_nans((40, 517), 2), bf16_with_nans((517,), 3)
     cl = torch.channels_last
     xc, rc = (bf16_with_nans((6, 8, 5, 7), s).contiguous(memory_format=cl) for s in (4, 5))
     pair = torch.tensor([so[0], so[1]])
+    xv, rv = bf16_with_nans((6, 192), 6), bf16_with_nans((6, 192), 7)
+
+    def norm(x, r, i):  # output i (0: y, 1: h) of the fused dropout + add + LayerNorm
+        w = torch.ones(x.shape[-1], dtype=x.dtype)
+        out = torch.ops.fused_dropout.dropout_add_norm(
+            x, r, w, None, None, p, 1e-5, False, False, False, True, False,
+            ref.seed_to_int64(so[0]), so[1], None,
+        )  # fmt: skip
+        return out[i], ref.ref_norm(x, r, w, None, None, p, *so, 1e-5)[i]
 
     def dropout_(t):
         out = t.clone()
@@ -572,6 +582,10 @@ def _bf16_nan_cases():
             ops.dropout_add(x, r, b, 0.0, seed_offset=so)[0],
             ref.ref_dropout_add(x, r, b, 0.0, *so),
         ),
+        "dropout_add_layer_norm_y": lambda: norm(x, r, 0),
+        "dropout_add_layer_norm_h": lambda: norm(x, r, 1),
+        "dropout_add_layer_norm_vector_rows_y": lambda: norm(xv, rv, 0),
+        "dropout_add_layer_norm_vector_rows_h": lambda: norm(xv, rv, 1),
     }
 
 

@@ -209,6 +209,28 @@ def test_nan_inf_in_dropped_input_does_not_leak(dtype, with_bias):
     assert_bitwise(y[finite], exp[finite])
 
 
+@pytest.mark.cpu_paths
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_bf16_denormals_round_as_every_value(with_bias):
+    """Results in the denormal range (kept values scaled by 1 / (1 - p)) round to nearest even
+    as the reference does (the avx512bf16 path's vcvtneps2bf16 flushes denormals to zero: its
+    vectors that hold one take the integer form)."""
+    seed, offset = PAIRS[torch.bfloat16]
+    p, tiny = 0.3, 2.0**-130
+    x, r = randn((16, 517), torch.bfloat16, seed=1) * tiny, randn((16, 517), torch.bfloat16, 2)
+    r = r * tiny
+    b = randn((517,), torch.bfloat16, seed=3) * tiny if with_bias else None
+    y = FD.bias_dropout_add(x, b, r, p, seed_offset=(seed, offset)) if with_bias else None
+    y = FD.dropout_add(x, r, p, seed_offset=(seed, offset)) if y is None else y
+    expected = ref.ref_dropout_add(x, r, b, p, seed, offset)
+    assert_bitwise(y, expected, "dropout_add")
+    d = FD.dropout(x, p, seed_offset=(seed, offset))
+    assert_bitwise(d, ref.ref_dropout(x, p, seed, offset), "dropout")
+    for name, t in (("dropout_add", y), ("dropout", d)):
+        denormal = (t != 0) & (t.abs() < torch.finfo(torch.float32).tiny)
+        assert denormal.float().mean() > 0.4, f"{name}: too few denormals to test"
+
+
 # ------------------------------------------------------------ eval, p = 0, RNG use
 
 

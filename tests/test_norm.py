@@ -427,8 +427,10 @@ def _op_case(
     wdt=None,
     seed_offset=SEED_OFFSET,
     special=False,
+    tiny=False,
 ):
-    """One forward and backward call of the op, checked bit for bit against tests/reference.py."""
+    """One forward and backward call of the op, checked bit for bit against tests/reference.py;
+    returns y and h."""
     x, r, w, b, ib = _operands(
         shape, dtype, residual=residual, weight=weight, bias=bias, input_bias=input_bias, wdt=wdt
     )
@@ -440,6 +442,10 @@ def _op_case(
     if residual_in_fp32 and r is not None:
         r = r.float()
     eps = 1e-5 if not rms else torch.finfo(dtype).eps
+    if tiny:  # h and y in the denormal range: h near 2^-130; its statistics underflow, so
+        # rstd = eps^-1/2, and a weight near 4 eps^1/2 puts y near 2^-128
+        x, r, ib = (None if t is None else t * 2.0**-130 for t in (x, r, ib))
+        w, b = w * (4 * eps**0.5), None
     seed, offset = seed_offset
     y, h, mean, rstd, pair = torch.ops.fused_dropout.dropout_add_norm(
         x,
@@ -488,6 +494,7 @@ def _op_case(
             ("grad_input", "grad_h", "grad_weight", "grad_bias", "grad_input_bias"), grads, wants
         ):
             same(got, expected, f"{name} (from {'y' if saved_is_y else 'h'})")
+    return y, h
 
 
 @pytest.mark.cpu_paths
@@ -549,6 +556,19 @@ def test_bitwise_vector_rows(variant, dtype, rms):
     """Rows of a multiple of 64 elements in fp32 and bf16 take the vector rows of the SIMD
     paths (cpu/norm.cpp: keep bits as masks); rows of 192 share Philox blocks."""
     _op_case((5, 3, 192), dtype, rms=rms, **variant)
+
+
+@pytest.mark.cpu_paths
+@pytest.mark.parametrize("cols", [40, 192], ids=["scalar_rows", "vector_rows"])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_bitwise_denormals(rms, dtype, cols):
+    """h and y in the denormal range round as every other value does (the avx512bf16 path's
+    vcvtneps2bf16 flushes denormals to zero: its vectors that hold one take the integer form)."""
+    y, h = _op_case((5, 3, cols), dtype, rms=rms, tiny=True)
+    for name, t in (("y", y), ("h", h)):
+        denormal = (t != 0) & (t.abs() < torch.finfo(torch.float32).tiny)
+        assert denormal.float().mean() > 0.5, f"{name}: too few denormals to test"
 
 
 @pytest.mark.slow

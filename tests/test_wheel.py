@@ -133,7 +133,7 @@ def test_wheel_imports_with_no_compiler_builds_nothing_and_gives_the_same_bits(v
     expected = ops.dropout(saved["x"], 0.3, seed_offset=(2024, 8))[0]  # this build's
     for path, y in saved["outputs"].items():
         assert_bitwise(y, expected, f"wheel, CPU path {path}")
-    if shutil.which("objdump") and len(ops.cpu_capabilities()) == 3:
+    if shutil.which("objdump") and len(ops.cpu_capabilities()) > 1:
         assert_avx_only_in_capability_code(data["library"])
 
 

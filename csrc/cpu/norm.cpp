@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "cpu/keep_bits.h"
 #include "cpu/vec.h"
@@ -13,6 +14,10 @@
 namespace fused_dropout {
 namespace FD_CPU_NS {  // a kernel file (cpu/capability.h): compiled once per CPU capability
 namespace {
+
+// For the per-vector code of the sweeps: unrolled 16 times, GCC otherwise calls it.
+#define FD_ALWAYS_INLINE inline __attribute__((always_inline))
+#define FD_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 
 // Work per parallel task; below this the call runs inline on one thread.
 constexpr int64_t kGrainElements = 1 << 15;
@@ -173,14 +178,15 @@ constexpr int64_t kVectorRowMultiple = 64;  // one word of keep bits
 // How the forward writes h: not at all (no h kept), or with plain or non-temporal stores.
 enum class HStore { kNone, kPlain, kStream };
 
-// The call's operands for the vector path: [cols] vectors in fp32 (neutral where absent).
+// The call's operands for the vector path: [cols] vectors in fp32 (weight and bias neutral
+// where absent).
 struct VectorRowArgs {
   const float* weight;
   const float* bias;
-  const float* input_bias;
-  float* h_row;   // scratch: the row's h as stored, in fp32
-  float* sum;     // scratch: groups x kStripe accumulators
-  bool stream_y;  // y with non-temporal stores (stream_vec)
+  const float* input_bias;  // or null
+  float* h_row;             // scratch: the row's h as stored, in fp32
+  float* sum;               // scratch: groups x kStripe accumulators
+  bool stream_y;            // y with non-temporal stores (stream_vec)
 };
 
 // Outputs larger than this (y, h; the backward's grad_input and grad_h together) are written
@@ -234,27 +240,75 @@ class RowKeepWords {
   uint64_t sample_ = 0;
 };
 
-// Adds value(c) (the vector of columns c .. c + kVecLanes - 1) for every c of a row, in
-// order, into the contract's stripe accumulators `sum` (groups x kStripe, each starting at
-// +0). With one group and AVX-512 a stripe's accumulators are 16 registers (a load and a
-// store fewer per vector); else they live in `sum`.
+#if defined(FD_CPU_AVX512)
+// One group's stripe accumulators as 16 registers: acc[q] holds lanes 2q and 2q + 1 (columns
+// 16q .. 16q + 15 of the stripe). Every index below is a constant (no loops), so that GCC
+// keeps the array in registers (with loops it was zeroed with rep stos and summed from the
+// stack, each sweep).
+using StripeRegs = FVec[kStripe / kVecLanes];
+
+// acc[Q] += value(s0 + 16Q) for Q < vectors, in order of Q.
+template <typename Value, size_t... Q>
+FD_ALWAYS_INLINE void add_stripe(StripeRegs& acc, int64_t s0, int64_t vectors, Value& value,
+                                 std::index_sequence<Q...>) {
+  ((Q < static_cast<size_t>(vectors) ? void(acc[Q] = add_vec(acc[Q], value(s0 + Q * kVecLanes)))
+                                     : void()),
+   ...);
+}
+
+// lane_tree on the registers: each add is the scalar tree's (same operands, same order),
+// on 16 values at once.
+FD_ALWAYS_INLINE float lane_tree(const StripeRegs& acc) {
+  // j + 4: a lane's a0..a3 and a4..a7 are 128-bit blocks; j4(acc[q], acc[q + 8]) holds lanes
+  // 2q, 2q + 1, 2q + 16, 2q + 17, four values each.
+  const auto j4 = [](FVec u, FVec v) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u, v, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u, v, _MM_SHUFFLE(3, 1, 3, 1)));
+  };
+  const FVec b0 = j4(acc[0], acc[8]), b1 = j4(acc[1], acc[9]), b2 = j4(acc[2], acc[10]),
+             b3 = j4(acc[3], acc[11]), b4 = j4(acc[4], acc[12]), b5 = j4(acc[5], acc[13]),
+             b6 = j4(acc[6], acc[14]), b7 = j4(acc[7], acc[15]);
+  // j + 2: block k of j2(u, v) holds two values of block k's lane of u, then of v's.
+  const auto j2 = [](FVec u, FVec v) {
+    return _mm512_add_ps(_mm512_shuffle_ps(u, v, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(u, v, _MM_SHUFFLE(3, 2, 3, 2)));
+  };
+  const FVec c0 = j2(b0, b4), c1 = j2(b1, b5), c2 = j2(b2, b6), c3 = j2(b3, b7);
+  // j + 1: the lane sums; d0's blocks hold lanes [0 8 4 12] [1 9 5 13] [16 24 20 28]
+  // [17 25 21 29], d1's the same plus 2.
+  const auto j1 = [](FVec u, FVec v) {
+    return _mm512_add_ps(_mm512_shuffle_ps(u, v, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(u, v, _MM_SHUFFLE(3, 1, 3, 1)));
+  };
+  const FVec d0 = j1(c0, c2), d1 = j1(c1, c3);
+  // The halving tree of the 32 lanes. t + 16: e = [0 8 4 12] [1 9 5 13] [2 10 6 14] [3 11 7 15].
+  const FVec e = _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(3, 2, 3, 2)));
+  // t + 8 (neighbours), t + 4 (two apart): block k's first value is then lane k's.
+  const FVec f = _mm512_add_ps(e, _mm512_permute_ps(e, _MM_SHUFFLE(2, 3, 0, 1)));
+  const FVec g = _mm512_add_ps(f, _mm512_permute_ps(f, _MM_SHUFFLE(1, 0, 3, 2)));
+  // t + 2 (blocks 0 + 2, 1 + 3), then t + 1.
+  const FVec h = _mm512_add_ps(g, _mm512_shuffle_f32x4(g, g, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(_mm_add_ss(_mm512_castps512_ps128(h), _mm512_extractf32x4_ps(h, 1)));
+}
+#endif
+
+// The contract's row sum of value(c) (the vector of columns c .. c + kVecLanes - 1, called
+// for every c of the row in order): added into the stripe accumulators (groups x kStripe,
+// each starting at +0), then the fixed tree. With one group and AVX-512 the accumulators are
+// 16 registers (a load and a store fewer per vector); else they live in the scratch `sum`.
 template <typename Value>
-void add_to_stripes(float* __restrict sum, int64_t cols, int groups, Value&& value) {
+FD_ALWAYS_INLINE float row_sum(float* __restrict sum, int64_t cols, int groups, Value&& value) {
   constexpr int kPerStripe = kStripe / kVecLanes;
   const FVec zero = splat(0.0f);
 #if defined(FD_CPU_AVX512)
   if (groups == 1) {
-    FVec acc[kPerStripe];
-    for (FVec& a : acc) a = zero;
+    StripeRegs acc = {};  // +0
     for (int64_t s0 = 0; s0 < cols; s0 += kStripe) {
-      const int64_t vectors = std::min<int64_t>(kStripe, cols - s0) / kVecLanes;
-#pragma GCC unroll 16
-      for (int q = 0; q < kPerStripe; ++q) {
-        if (q < vectors) acc[q] = add_vec(acc[q], value(s0 + q * kVecLanes));
-      }
+      add_stripe(acc, s0, std::min<int64_t>(kStripe, cols - s0) / kVecLanes, value,
+                 std::make_index_sequence<kPerStripe>{});
     }
-    for (int q = 0; q < kPerStripe; ++q) store_vec(sum + q * kVecLanes, acc[q]);
-    return;
+    return lane_tree(acc);
   }
 #endif
   for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
@@ -266,6 +320,7 @@ void add_to_stripes(float* __restrict sum, int64_t cols, int groups, Value&& val
       store_vec(stripe + c, add_vec(before, value(c)));
     }
   }
+  return stripe_tree(sum, groups);
 }
 
 template <bool kRms, bool kResidual, HStore kH, typename raw, typename hraw>
@@ -286,31 +341,31 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
   constexpr uint32_t kLaneBits = (1u << kVecLanes) - 1;
   // Sweep 1: h, stored and kept as stored, added into S(h) or S(h^2).
   uint64_t bits = 0;  // the keep bits of columns c .. c + 63, shifted down as they are used
-  add_to_stripes(sum, cols, groups, [&](int64_t c) {
+  const float h_sum = row_sum(sum, cols, groups, [&](int64_t c) FD_ALWAYS_INLINE_LAMBDA {
     if (c % kVectorRowMultiple == 0) bits = keep.get(c);
-    const FVec in = add_vec(load_vec(x + c), load_vec(input_bias + c));
+    FVec in = load_vec(x + c);
+    if (input_bias) in = add_vec(in, load_vec(input_bias + c));
     FVec t = keep_mul(static_cast<uint32_t>(bits) & kLaneBits, in, scale);
     bits >>= kVecLanes;
     if constexpr (kResidual) t = add_vec(t, load_vec(res + c));
-    t = round_for(h, t);
-    if constexpr (kH == HStore::kPlain) store_rounded(h + c, t);
-    if constexpr (kH == HStore::kStream) stream_rounded(h + c, t);
+    if constexpr (kH == HStore::kNone) t = round_for(h, t);
+    if constexpr (kH != HStore::kNone) t = round_store<kH == HStore::kStream>(h + c, t);
     store_vec(hs + c, t);
     return kRms ? mul_vec(t, t) : t;
   });
   const float eps = static_cast<float>(a.eps);
   RowStats<float> stats{0.0f, 0.0f};
   if constexpr (kRms) {
-    stats.rstd = row_rstd(stripe_tree(sum, groups), cols, eps);
+    stats.rstd = row_rstd(h_sum, cols, eps);
   } else {
     // Sweep 2: S((h - mean)^2).
-    stats.mean = row_mean(stripe_tree(sum, groups), cols);
+    stats.mean = row_mean(h_sum, cols);
     const FVec mean = splat(stats.mean);
-    add_to_stripes(sum, cols, groups, [=](int64_t c) {
+    const auto squared_deviation = [=](int64_t c) FD_ALWAYS_INLINE_LAMBDA {
       const FVec d = sub_vec(load_vec(hs + c), mean);
       return mul_vec(d, d);
-    });
-    stats.rstd = row_rstd(stripe_tree(sum, groups), cols, eps);
+    };
+    stats.rstd = row_rstd(row_sum(sum, cols, groups, squared_deviation), cols, eps);
     static_cast<float*>(a.mean)[r] = stats.mean;
   }
   static_cast<float*>(a.rstd)[r] = stats.rstd;
@@ -322,16 +377,20 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
   // minimums of 100 calls, against our unfused: fp32 1.10-1.28x without, 1.45-1.52x with;
   // bf16 1.03-1.10x, 1.15-1.17x), and (draw_next) its keep bits are drawn.
   const bool next = r + 1 < a.rows;
+  // By 64 columns: the vector loop then has no call and no test in it.
   const auto sweep3 = [=, &keep](auto store) {
-    for (int64_t c = 0; c < cols; c += kVecLanes) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kVectorRowMultiple) {
       if (next) {
-        prefetch_vec(x + cols, c);
-        if constexpr (kResidual) prefetch_vec(res + cols, c);
+        prefetch_lines(x + cols + c0, kVectorRowMultiple);
+        if constexpr (kResidual) prefetch_lines(res + cols + c0, kVectorRowMultiple);
       }
-      if (draw_next && c % kVectorRowMultiple == 0) keep.draw(r + 1, c);
-      const FVec hv = load_vec(hs + c);
-      const FVec xhat = mul_vec(kRms ? hv : sub_vec(hv, mean), rstd);
-      store(y + c, add_vec(mul_vec(xhat, load_vec(w + c)), load_vec(bias + c)));
+      if (draw_next) keep.draw(r + 1, c0);
+#pragma GCC unroll 4
+      for (int64_t c = c0; c < c0 + kVectorRowMultiple; c += kVecLanes) {
+        const FVec hv = load_vec(hs + c);
+        const FVec xhat = mul_vec(kRms ? hv : sub_vec(hv, mean), rstd);
+        store(y + c, add_vec(mul_vec(xhat, load_vec(w + c)), load_vec(bias + c)));
+      }
     }
   };
   if (v.stream_y) {
@@ -375,23 +434,26 @@ void backward_row_vector(const NormBackwardArgs& a, const VectorBackwardArgs& v,
       return mul_vec(kRms ? h : sub_vec(h, mean), rstd);
     }
   };
-  // Sweep 1: S(g * xhat), S(g) and the column partials.
+  // Sweep 1: S(g * xhat), S(g) and the column partials. Nothing but the row sums depends on
+  // the order of the columns, so each vector of stripe accumulators (group g, columns q0 ..
+  // q0 + kVecLanes - 1 of its stripes) is summed in registers over its stripes, in their
+  // order, and stored once (not loaded and stored for each vector of the row).
   float* __restrict pw = v.p_weight;
   float* __restrict pb = v.p_bias;
-  const FVec zero = splat(0.0f);
-  for (int64_t s0 = 0, s = 0; s0 < cols; s0 += kStripe, ++s) {
-    float* __restrict agx = v.sum_gx + stripe_group(s, groups) * kStripe - s0;  // indexed by column
-    float* __restrict ag = v.sum_g + stripe_group(s, groups) * kStripe - s0;
-    const int64_t end = std::min(cols, s0 + kStripe);
-    const bool first = s < groups;  // the group's first stripe: its accumulators start at +0
-    for (int64_t c = s0; c < end; c += kVecLanes) {
-      const FVec xh = xhat_at(c);
-      const FVec d = load_vec(dy + c);
-      const FVec g = mul_vec(d, load_vec(w + c));
-      store_vec(agx + c, add_vec(first ? zero : load_vec(agx + c), mul_vec(g, xh)));
-      if constexpr (!kRms) store_vec(ag + c, add_vec(first ? zero : load_vec(ag + c), g));
-      store_vec(pw + c, add_vec(load_vec(pw + c), mul_vec(d, xh)));
-      store_vec(pb + c, add_vec(load_vec(pb + c), d));
+  for (int g = 0; g < groups; ++g) {
+    for (int64_t q0 = 0; q0 < kStripe; q0 += kVecLanes) {
+      FVec gx_sum = splat(0.0f), g_sum = splat(0.0f);
+      for (int64_t c = g * kStripe + q0; c < cols; c += groups * kStripe) {
+        const FVec xh = xhat_at(c);
+        const FVec d = load_vec(dy + c);
+        const FVec gv = mul_vec(d, load_vec(w + c));
+        gx_sum = add_vec(gx_sum, mul_vec(gv, xh));
+        if constexpr (!kRms) g_sum = add_vec(g_sum, gv);
+        store_vec(pw + c, add_vec(load_vec(pw + c), mul_vec(d, xh)));
+        store_vec(pb + c, add_vec(load_vec(pb + c), d));
+      }
+      store_vec(v.sum_gx + g * kStripe + q0, gx_sum);
+      store_vec(v.sum_g + g * kStripe + q0, g_sum);
     }
   }
   const FVec c1 = splat(row_mean(stripe_tree(v.sum_gx, groups), cols));
@@ -412,12 +474,13 @@ void backward_row_vector(const NormBackwardArgs& a, const VectorBackwardArgs& v,
     for (int64_t c = 0; c < cols; c += kVectorRowMultiple) {
       keep.draw(r, c);
       const uint64_t bits = keep.get(c);
+      if (next) {
+        prefetch_lines(dy + cols + c, kVectorRowMultiple);
+        kFromY ? prefetch_lines(y_saved + cols + c, kVectorRowMultiple)
+               : prefetch_lines(h_saved + cols + c, kVectorRowMultiple);
+      }
       for (int q = 0; q < kVectorRowMultiple / kVecLanes; ++q) {
         const int64_t e = c + q * kVecLanes;
-        if (next) {
-          prefetch_vec(dy + cols, e);
-          kFromY ? prefetch_vec(y_saved + cols, e) : prefetch_vec(h_saved + cols, e);
-        }
         const FVec xh = xhat_at(e);
         const FVec g = mul_vec(load_vec(dy + e), load_vec(w + e));
         const FVec t = mul_vec(xh, c1);
@@ -478,8 +541,9 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Lane
                  reinterpret_cast<uintptr_t>(out) % (kVecLanes * size) == 0;
         };
         const bool stream_y = streams(a.y, sizeof(raw)), stream_h = streams(a.h, sizeof(hraw));
-        const VectorRowArgs v{weight.data(), bias.data(), input_bias.data(),
-                              hv.data(),     sum,         stream_y};
+        const VectorRowArgs v{
+            weight.data(), bias.data(), a.input_bias ? input_bias.data() : nullptr,
+            hv.data(),     sum,         stream_y};
         const auto rows = [&](auto residual, auto h_store) {
           for (int64_t r = r0; r < r1; ++r) {
             forward_row_vector<kRms, decltype(residual)::value, decltype(h_store)::value, raw,

@@ -20,10 +20,18 @@ using FVec = __m512;
 using IVec = __m512i;
 constexpr int kVecLanes = 16;
 inline FVec load_vec(const float* p) { return _mm512_loadu_ps(p); }
+using HalfVec = __m256i;  // the low halves of a vector's lanes, packed
+// Packed bf16 to fp32 (exact): word i into the high half of lane i, zeros below (one
+// zero-masked vpermw instead of a widening and a shift).
+inline FVec bf16_unpack(HalfVec h) {
+  const __m512i high_words = _mm512_setr_epi32(0 << 16, 1 << 16, 2 << 16, 3 << 16, 4 << 16, 5 << 16,
+                                               6 << 16, 7 << 16, 8 << 16, 9 << 16, 10 << 16,
+                                               11 << 16, 12 << 16, 13 << 16, 14 << 16, 15 << 16);
+  return _mm512_castsi512_ps(
+      _mm512_maskz_permutexvar_epi16(0xAAAAAAAA, high_words, _mm512_castsi256_si512(h)));
+}
 inline FVec load_vec(const uint16_t* p) {
-  const __m512i wide =
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  return bf16_unpack(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 // The bf16 bits of each lane (in its low half).
 inline IVec bf16_bits(FVec v) {
@@ -33,16 +41,33 @@ inline IVec bf16_bits(FVec v) {
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   return _mm512_mask_mov_epi32(_mm512_srli_epi32(biased, 16), nan, _mm512_set1_epi32(0x7FC0));
 }
-using HalfVec = __m256i;  // the low halves of a vector's lanes, packed
 inline HalfVec pack_halves(IVec low) { return _mm512_cvtepi32_epi16(low); }
-inline void store_halves(uint16_t* p, IVec low) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack_halves(low));
+// The core's bf16 rounding of each lane, packed. With AVX512-BF16, vcvtneps2bf16: it rounds
+// to nearest even as bf16_bits does, but flushes denormals to zero and keeps a NaN's payload,
+// so a vector holding either (rare) takes the integer form.
+inline HalfVec bf16_pack(FVec v) {
+#if defined(__AVX512BF16__)
+  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // vfpclassps: QNaN, denormal, SNaN
+  if (__builtin_expect(_mm512_fpclass_ps_mask(v, kNanOrDenormal) == 0, 1)) {
+    return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  }
+#endif
+  return pack_halves(bf16_bits(v));
 }
-inline void stream_halves(uint16_t* p, IVec low) {
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack_halves(low));
+// bf16_unpack(bf16_pack(v)), unpacked in place where the rounding is the integer form.
+inline FVec bf16_round(FVec v) {
+#if defined(__AVX512BF16__)
+  return bf16_unpack(bf16_pack(v));
+#else
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
+#endif
 }
-inline FVec from_halves(IVec low) { return _mm512_castsi512_ps(_mm512_slli_epi32(low, 16)); }
-inline IVec high_halves(FVec v) { return _mm512_srli_epi32(_mm512_castps_si512(v), 16); }
+inline void store_halves(uint16_t* p, HalfVec h) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+}
+inline void stream_halves(uint16_t* p, HalfVec h) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+}
 inline void store_vec(float* p, FVec v) { _mm512_storeu_ps(p, v); }
 inline void stream_vec(float* p, FVec v) { _mm512_stream_ps(p, v); }
 inline FVec add_vec(FVec a, FVec b) { return _mm512_add_ps(a, b); }
@@ -75,14 +100,20 @@ using HalfVec = __m128i;  // the low halves of a vector's lanes, packed
 inline HalfVec pack_halves(IVec low) {
   return _mm_packus_epi32(_mm256_castsi256_si128(low), _mm256_extracti128_si256(low, 1));
 }
-inline void store_halves(uint16_t* p, IVec low) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack_halves(low));
+// The core's bf16 rounding of each lane, packed.
+inline HalfVec bf16_pack(FVec v) { return pack_halves(bf16_bits(v)); }
+// Packed bf16 back to fp32 (exact).
+inline FVec bf16_unpack(HalfVec h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-inline void stream_halves(uint16_t* p, IVec low) {
-  _mm_stream_si128(reinterpret_cast<__m128i*>(p), pack_halves(low));
+// bf16_unpack(bf16_pack(v)), unpacked in place.
+inline FVec bf16_round(FVec v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16)); }
+inline void store_halves(uint16_t* p, HalfVec h) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
 }
-inline FVec from_halves(IVec low) { return _mm256_castsi256_ps(_mm256_slli_epi32(low, 16)); }
-inline IVec high_halves(FVec v) { return _mm256_srli_epi32(_mm256_castps_si256(v), 16); }
+inline void stream_halves(uint16_t* p, HalfVec h) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
+}
 inline void store_vec(float* p, FVec v) { _mm256_storeu_ps(p, v); }
 inline void stream_vec(float* p, FVec v) { _mm256_stream_ps(p, v); }
 inline FVec add_vec(FVec a, FVec b) { return _mm256_add_ps(a, b); }
@@ -99,28 +130,36 @@ inline FVec keep_mul(uint32_t bits, FVec v, FVec s) {
 inline FVec splat(float f) { return _mm256_set1_ps(f); }
 #endif
 
-inline void store_vec(uint16_t* p, FVec v) { store_halves(p, bf16_bits(v)); }
+inline void store_vec(uint16_t* p, FVec v) { store_halves(p, bf16_pack(v)); }
 // store_vec past the caches (a non-temporal store; p aligned to the stored bytes): for
 // outputs too large to stay in them, whose writes then need no read of the line first.
 // A task that streams ends with _mm_sfence(), so the stores are seen before it returns.
-inline void stream_vec(uint16_t* p, FVec v) { stream_halves(p, bf16_bits(v)); }
+inline void stream_vec(uint16_t* p, FVec v) { stream_halves(p, bf16_pack(v)); }
 
-// Asks for the cache lines of elements [c, c + kVecLanes) of a row that a later sweep reads.
+// Asks for the cache lines of elements [0, n) of p (64-byte aligned) that a later sweep reads.
 template <typename T>
-inline void prefetch_vec(const T* row, int64_t c) {
-  const char* p = reinterpret_cast<const char*>(row + c);
-  _mm_prefetch(p, _MM_HINT_T0);
-  if constexpr (sizeof(T) * kVecLanes > 64) _mm_prefetch(p + 64, _MM_HINT_T0);
+inline void prefetch_lines(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64) {
+    _mm_prefetch(bytes + i, _MM_HINT_T0);
+  }
 }
 
 // v as the storage type of `p` holds it, back in fp32: bf16-rounded, or v itself.
-inline FVec round_for(const uint16_t*, FVec v) { return from_halves(bf16_bits(v)); }
+inline FVec round_for(const uint16_t*, FVec v) { return bf16_round(v); }
 inline FVec round_for(const float*, FVec v) { return v; }
-// Stores a value that round_for(p, .) gave, with no second rounding.
-inline void store_rounded(uint16_t* p, FVec v) { store_halves(p, high_halves(v)); }
-inline void store_rounded(float* p, FVec v) { store_vec(p, v); }
-inline void stream_rounded(uint16_t* p, FVec v) { stream_halves(p, high_halves(v)); }
-inline void stream_rounded(float* p, FVec v) { stream_vec(p, v); }
+// Stores v at p (streams it: kStream) and returns round_for(p, v), rounding once.
+template <bool kStream>
+inline FVec round_store(uint16_t* p, FVec v) {
+  const HalfVec h = bf16_pack(v);
+  kStream ? stream_halves(p, h) : store_halves(p, h);
+  return bf16_unpack(h);
+}
+template <bool kStream>
+inline FVec round_store(float* p, FVec v) {
+  kStream ? stream_vec(p, v) : store_vec(p, v);
+  return v;
+}
 #endif
 
 }  // namespace

@@ -67,6 +67,7 @@ bool cpu_has(const std::string& ext) {
   FD_CPU_EXTENSION(avx512bw)
   FD_CPU_EXTENSION(avx512vl)
   FD_CPU_EXTENSION(avx512dq)
+  FD_CPU_EXTENSION(avx512bf16)
 #undef FD_CPU_EXTENSION
 #endif
   TORCH_CHECK(false, "fused_dropout: no CPU feature test for the ISA extension ", ext);

@@ -34,8 +34,8 @@ Environment variables:
     Honoured. Unset with a visible GPU: torch builds for the visible GPUs. Unset without a GPU:
     ``DEFAULT_CUDA_ARCH_LIST`` (JIT) or ``WHEEL_CUDA_ARCH_LIST`` (AOT), see config.py.
 ``FUSED_DROPOUT_CPU_CAPABILITY``
-    ``default``, ``avx2`` or ``avx512``: the CPU path to run instead of the best one this CPU
-    has (read when the library loads; csrc/ops/cpu_dispatch.cpp).
+    ``default``, ``avx2``, ``avx512`` or ``avx512bf16``: the CPU path to run instead of the best
+    one this CPU has (read when the library loads; csrc/ops/cpu_dispatch.cpp).
 ``FUSED_DROPOUT_CPU_HIDE``
     Comma-separated ISA extensions (``avx512bw,...``) to treat as absent, as on an older CPU.
 ``FUSED_DROPOUT_VERBOSE=1``

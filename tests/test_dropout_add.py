@@ -217,11 +217,12 @@ def test_bf16_denormals_round_as_every_value(with_bias):
     vectors that hold one take the integer form)."""
     seed, offset = PAIRS[torch.bfloat16]
     p, tiny = 0.3, 2.0**-130
-    x, r = randn((16, 517), torch.bfloat16, seed=1) * tiny, randn((16, 517), torch.bfloat16, 2)
-    r = r * tiny
+    x, r = (randn((16, 517), torch.bfloat16, s) * tiny for s in (1, 2))
     b = randn((517,), torch.bfloat16, seed=3) * tiny if with_bias else None
-    y = FD.bias_dropout_add(x, b, r, p, seed_offset=(seed, offset)) if with_bias else None
-    y = FD.dropout_add(x, r, p, seed_offset=(seed, offset)) if y is None else y
+    if with_bias:
+        y = FD.bias_dropout_add(x, b, r, p, seed_offset=(seed, offset))
+    else:
+        y = FD.dropout_add(x, r, p, seed_offset=(seed, offset))
     expected = ref.ref_dropout_add(x, r, b, p, seed, offset)
     assert_bitwise(y, expected, "dropout_add")
     d = FD.dropout(x, p, seed_offset=(seed, offset))

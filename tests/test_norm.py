@@ -506,9 +506,13 @@ def test_bitwise_against_reference(dtype, rms):
 
 
 @pytest.mark.cpu_paths
-@pytest.mark.parametrize("cols", [1, 7, 8, 255, 256, 257, 768, 1000, 2048, 2049, 4096, 9000])
+@pytest.mark.parametrize(
+    "cols", [1, 7, 8, 64, 255, 256, 257, 320, 768, 1000, 2048, 2049, 2112, 4096, 9000]
+)
 def test_bitwise_row_lengths(cols):
-    """Every stripe/group boundary of the row sums: G = 1, 2, 4, 8 (9000 > 4 x 2048)."""
+    """Every stripe/group boundary of the row sums: G = 1, 2, 4, 8 (9000 > 4 x 2048). Rows of
+    a multiple of 64 take the vector rows: 64 and 320 end in a stripe of 4 vectors (AVX-512),
+    2112 in a group-0 stripe of 64 columns with G = 2."""
     _op_case((3, cols), torch.float32)
     _op_case((2, cols), torch.bfloat16, rms=True, residual_in_fp32=True)
 

@@ -160,6 +160,20 @@ inline FVec round_store(float* p, FVec v) {
   kStream ? stream_vec(p, v) : store_vec(p, v);
   return v;
 }
+// round_store at p, and the same value stored plainly at q.
+template <bool kStream>
+inline FVec round_store(uint16_t* p, uint16_t* q, FVec v) {
+  const HalfVec h = bf16_pack(v);
+  kStream ? stream_halves(p, h) : store_halves(p, h);
+  store_halves(q, h);
+  return bf16_unpack(h);
+}
+template <bool kStream>
+inline FVec round_store(float* p, float* q, FVec v) {
+  kStream ? stream_vec(p, v) : store_vec(p, v);
+  store_vec(q, v);
+  return v;
+}
 #endif
 
 }  // namespace

@@ -57,6 +57,11 @@ void cpu_parallel_for(int64_t begin, int64_t end, int64_t grain,
   CpuKernelType<__VA_ARGS__> name; \
   }
 
+// For code GCC would otherwise call: the unrolled per-vector code of the sweeps, and Philox
+// drawn between other work (a call there spills the caller's vectors around it).
+#define FD_ALWAYS_INLINE inline __attribute__((always_inline))
+#define FD_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
+
 namespace FD_CPU_NS {
 
 // at::parallel_for's interface: f(b, e) on chunks of [begin, end) of at least `grain`.

@@ -15,10 +15,6 @@ namespace fused_dropout {
 namespace FD_CPU_NS {  // a kernel file (cpu/capability.h): compiled once per CPU capability
 namespace {
 
-// For the per-vector code of the sweeps: unrolled 16 times, GCC otherwise calls it.
-#define FD_ALWAYS_INLINE inline __attribute__((always_inline))
-#define FD_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
-
 // Work per parallel task; below this the call runs inline on one thread.
 constexpr int64_t kGrainElements = 1 << 15;
 

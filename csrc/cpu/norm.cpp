@@ -5,6 +5,7 @@
 #include "cpu/norm.h"
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -179,11 +180,29 @@ enum class HStore { kNone, kPlain, kStream };
 struct VectorRowArgs {
   const float* weight;
   const float* bias;
-  const float* input_bias;  // or null
-  void* h_scratch;          // a row of h's dtype: h as stored, where h is not stored plainly
-  float* sum;               // scratch: groups x kStripe accumulators
-  bool stream_y;            // y with non-temporal stores (stream_vec)
+  const uint32_t* weight_bias;  // the two as bf16_pairs, or null
+  const float* input_bias;      // or null
+  void* h_scratch;              // a row of h's dtype: h as stored, where h is not stored plainly
+  float* sum;                   // scratch: groups x kStripe accumulators
+  bool stream_y;                // y with non-temporal stores (stream_vec)
 };
+
+// The weight and bias as bf16 pairs (the weight in the low half of each word), where every
+// value of both is exactly a bf16 (bf16 weights, or absent ones); else empty. For bf16
+// inputs only: fp32 weights are seldom bf16 values. Sweep 3 then
+// loads one vector for the two: a 512-bit load takes two of a Zen 4's load slots, and the
+// forward waits on them (bf16 forward at BERT size, 1 thread: 4% faster).
+Vector<uint32_t> bf16_pairs(const Vector<float>& weight, const Vector<float>& bias) {
+  Vector<uint32_t> pairs(weight.size());
+  for (size_t c = 0; c < weight.size(); ++c) {
+    uint32_t w, b;
+    std::memcpy(&w, &weight[c], sizeof(w));
+    std::memcpy(&b, &bias[c], sizeof(b));
+    if ((w | b) & 0xFFFFu) return {};
+    pairs[c] = w >> 16 | b;
+  }
+  return pairs;
+}
 
 // Outputs larger than this (y, h; the backward's grad_input and grad_h together) are written
 // past the caches: else each line would be read before it is written, and evicted anyway.
@@ -382,7 +401,7 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
   // bf16 1.03-1.10x, 1.15-1.17x), and (draw_next) its keep bits are drawn.
   const bool next = r + 1 < a.rows;
   // By 64 columns: the vector loop then has no call and no test in it.
-  const auto sweep3 = [=, &keep](auto store) {
+  const auto sweep3 = [=, &keep](auto store, auto weight_bias_at) {
     for (int64_t c0 = 0; c0 < cols; c0 += kVectorRowMultiple) {
       if (next) {
         prefetch_lines(x + cols + c0, kVectorRowMultiple);
@@ -393,14 +412,29 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
       for (int64_t c = c0; c < c0 + kVectorRowMultiple; c += kVecLanes) {
         const FVec hv = load_vec(hs + c);
         const FVec xhat = mul_vec(kRms ? hv : sub_vec(hv, mean), rstd);
-        store(y + c, add_vec(mul_vec(xhat, load_vec(w + c)), load_vec(bias + c)));
+        FVec wv, bv;
+        weight_bias_at(c, wv, bv);
+        store(y + c, add_vec(mul_vec(xhat, wv), bv));
       }
     }
   };
+  const uint32_t* __restrict pairs = v.weight_bias;
+  const auto with_store = [&](auto store) {
+    if constexpr (std::is_same_v<raw, uint16_t>) {  // bf16: the only dtype with pairs
+      if (pairs) {
+        return sweep3(store, [=](int64_t c, FVec& wv, FVec& bv)
+                                 FD_ALWAYS_INLINE_LAMBDA { load_pairs(pairs + c, wv, bv); });
+      }
+    }
+    sweep3(store, [=](int64_t c, FVec& wv, FVec& bv) FD_ALWAYS_INLINE_LAMBDA {
+      wv = load_vec(w + c);
+      bv = load_vec(bias + c);
+    });
+  };
   if (v.stream_y) {
-    sweep3([](raw* p, FVec out) { stream_vec(p, out); });
+    with_store([](raw* p, FVec out) { stream_vec(p, out); });
   } else {
-    sweep3([](raw* p, FVec out) { store_vec(p, out); });
+    with_store([](raw* p, FVec out) { store_vec(p, out); });
   }
 }
 
@@ -524,6 +558,10 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Lane
   const Vector<acc> weight = row_vector<acc, D>(a.weight, a.weight_fp32, cols, acc(1));
   const Vector<acc> bias = row_vector<acc, D>(a.bias, a.weight_fp32, cols, acc(-0.0));
   const Vector<acc> input_bias = row_vector<acc, D>(a.input_bias, false, cols, acc(-0.0));
+#ifdef FD_CPU_BLOCK_KERNEL
+  Vector<uint32_t> weight_bias;
+  if constexpr (D == DType::kBFloat16) weight_bias = bf16_pairs(weight, bias);
+#endif
   const AffineConsts<acc> consts = AffineConsts<acc>::make(a.affine);
   const acc eps = static_cast<acc>(a.eps);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1));
@@ -545,9 +583,13 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Lane
                  reinterpret_cast<uintptr_t>(out) % (kVecLanes * size) == 0;
         };
         const bool stream_y = streams(a.y, sizeof(raw)), stream_h = streams(a.h, sizeof(hraw));
-        const VectorRowArgs v{
-            weight.data(), bias.data(), a.input_bias ? input_bias.data() : nullptr,
-            hv.data(),     sum,         stream_y};
+        const VectorRowArgs v{weight.data(),
+                              bias.data(),
+                              weight_bias.empty() ? nullptr : weight_bias.data(),
+                              a.input_bias ? input_bias.data() : nullptr,
+                              hv.data(),
+                              sum,
+                              stream_y};
         const auto rows = [&](auto residual, auto h_store) {
           for (int64_t r = r0; r < r1; ++r) {
             forward_row_vector<kRms, decltype(residual)::value, decltype(h_store)::value, raw,

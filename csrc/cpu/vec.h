@@ -79,6 +79,12 @@ inline FVec keep_mul(uint32_t bits, FVec v, FVec s) {
   return _mm512_maskz_mul_ps(static_cast<__mmask16>(bits), v, s);
 }
 inline FVec splat(float f) { return _mm512_set1_ps(f); }
+// The low and high bf16 halves of each 32-bit word of p, as floats: two vectors from one load.
+inline void load_pairs(const uint32_t* p, FVec& low, FVec& high) {
+  const __m512i v = _mm512_loadu_si512(p);
+  low = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  high = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
 #else
 using FVec = __m256;
 using IVec = __m256i;
@@ -128,6 +134,11 @@ inline FVec keep_mul(uint32_t bits, FVec v, FVec s) {
   return _mm256_and_ps(_mm256_castsi256_ps(set), _mm256_mul_ps(v, s));
 }
 inline FVec splat(float f) { return _mm256_set1_ps(f); }
+inline void load_pairs(const uint32_t* p, FVec& low, FVec& high) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  low = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  high = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))));
+}
 #endif
 
 inline void store_vec(uint16_t* p, FVec v) { store_halves(p, bf16_pack(v)); }

@@ -188,10 +188,10 @@ struct VectorRowArgs {
 };
 
 // The weight and bias as bf16 pairs (the weight in the low half of each word), where every
-// value of both is exactly a bf16 (bf16 weights, or absent ones); else empty. For bf16
-// inputs only: fp32 weights are seldom bf16 values. Sweep 3 then
+// value of both is exactly a bf16 (bf16 weights, or absent ones); else empty. Sweep 3 then
 // loads one vector for the two: a 512-bit load takes two of a Zen 4's load slots, and the
-// forward waits on them (bf16 forward at BERT size, 1 thread: 4% faster).
+// forward waits on them (bf16 forward at BERT size, 1 thread: 4% faster). Made for bf16
+// inputs only: fp32 weights are seldom bf16 values.
 Vector<uint32_t> bf16_pairs(const Vector<float>& weight, const Vector<float>& bias) {
   Vector<uint32_t> pairs(weight.size());
   for (size_t c = 0; c < weight.size(); ++c) {
@@ -370,7 +370,7 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
     bits >>= kVecLanes;
     if constexpr (kResidual) t = add_vec(t, load_vec(res + c));
     if constexpr (kH == HStore::kStream) {
-      t = round_store<true>(h_stream + c, hs + c, t);
+      t = round_stream_copy(h_stream + c, hs + c, t);
     } else {
       t = round_store<false>(hs + c, t);
     }

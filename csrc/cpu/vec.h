@@ -171,17 +171,15 @@ inline FVec round_store(float* p, FVec v) {
   kStream ? stream_vec(p, v) : store_vec(p, v);
   return v;
 }
-// round_store at p, and the same value stored plainly at q.
-template <bool kStream>
-inline FVec round_store(uint16_t* p, uint16_t* q, FVec v) {
+// round_store<true>(p, v), and the same value stored plainly at q.
+inline FVec round_stream_copy(uint16_t* p, uint16_t* q, FVec v) {
   const HalfVec h = bf16_pack(v);
-  kStream ? stream_halves(p, h) : store_halves(p, h);
+  stream_halves(p, h);
   store_halves(q, h);
   return bf16_unpack(h);
 }
-template <bool kStream>
-inline FVec round_store(float* p, float* q, FVec v) {
-  kStream ? stream_vec(p, v) : store_vec(p, v);
+inline FVec round_stream_copy(float* p, float* q, FVec v) {
+  stream_vec(p, v);
   store_vec(q, v);
   return v;
 }

@@ -211,8 +211,8 @@ FD_ALWAYS_INLINE void batch_keep_bits(const PhiloxStream& stream, const KeepRule
 }
 
 // Keep bits of the block from mask element m0 (a multiple of 8), inlined into the caller:
-// KeepWords draws between the vector work of a sweep, where a call would spill that work's
-// registers around it (bf16 norm forward at BERT size, 1 thread: 2-3% faster inlined).
+// with AVX-512 KeepWords draws between the vector work of a sweep, where a call would spill
+// that work's registers around it (bf16 norm forward at BERT size, 1 thread: 2-3% faster).
 FD_ALWAYS_INLINE KeepBits keep_bits_inline(const LaneStream& stream, const MaskedAffine& a,
                                            int64_t m0) {
   KeepBits bits;
@@ -300,7 +300,11 @@ class KeepWords {
   uint64_t at(int64_t m) {
     const int64_t b0 = m / kBlock * kBlock;
     if (b0 != cached_) {
+#if defined(FD_CPU_AVX512)
       bits_ = keep_bits_inline(stream_, affine_, b0);
+#else
+      bits_ = keep_bits(stream_, affine_, b0);  // inlined, AVX2's bf16 forward was 2% slower
+#endif
       cached_ = b0;
     }
     return bits_.w[(m - b0) / 64];

@@ -175,6 +175,19 @@ constexpr int64_t kVectorRowMultiple = 64;  // one word of keep bits
 // How the forward writes h: not at all (no h kept), or with plain or non-temporal stores.
 enum class HStore { kNone, kPlain, kStream };
 
+// Where sweeps 2 and 3 of the forward read h back from. With AVX-512, in h's own dtype: from
+// h itself where it is stored plainly (still in cache), else from a scratch row, which h's
+// streaming stores leave out of the caches. A 512-bit load or store takes two of a Zen 4's
+// load/store slots and this forward waits on them: against an fp32 copy of every row, a store
+// fewer per vector and half the bytes loaded for bf16 (bf16 forward at BERT size, 1 thread:
+// 1,940 -> 1,830 us). With AVX2, from an fp32 copy: its bf16 loads take two instructions,
+// and reading h's dtype back made its bf16 forward 3-14% slower (timed on a Zen 4).
+#if defined(FD_CPU_AVX512)
+constexpr bool kReadHInPlace = true;
+#else
+constexpr bool kReadHInPlace = false;
+#endif
+
 // The call's operands for the vector path: [cols] vectors in fp32 (weight and bias neutral
 // where absent).
 struct VectorRowArgs {
@@ -182,7 +195,7 @@ struct VectorRowArgs {
   const float* bias;
   const uint32_t* weight_bias;  // the two as bf16_pairs, or null
   const float* input_bias;      // or null
-  void* h_scratch;              // a row of h's dtype: h as stored, where h is not stored plainly
+  void* h_scratch;              // a row: h as stored, where sweeps 2 and 3 read it back
   float* sum;                   // scratch: groups x kStripe accumulators
   bool stream_y;                // y with non-temporal stores (stream_vec)
 };
@@ -191,7 +204,8 @@ struct VectorRowArgs {
 // value of both is exactly a bf16 (bf16 weights, or absent ones); else empty. Sweep 3 then
 // loads one vector for the two: a 512-bit load takes two of a Zen 4's load slots, and the
 // forward waits on them (bf16 forward at BERT size, 1 thread: 4% faster). Made for bf16
-// inputs only: fp32 weights are seldom bf16 values.
+// inputs on the AVX-512 paths only: fp32 weights are seldom bf16 values, and AVX2's 256-bit
+// loads take one slot.
 Vector<uint32_t> bf16_pairs(const Vector<float>& weight, const Vector<float>& bias) {
   Vector<uint32_t> pairs(weight.size());
   for (size_t c = 0; c < weight.size(); ++c) {
@@ -346,14 +360,12 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
   const raw* __restrict x = static_cast<const raw*>(a.input) + r * cols;
   const hraw* __restrict res =
       kResidual ? static_cast<const hraw*>(a.residual) + r * cols : nullptr;
-  // h as stored, written by sweep 1 and read back by sweeps 2 and 3: h itself where it is
-  // stored plainly (still in cache then), else a scratch row, which h_stream's streaming stores
-  // leave out of the caches. Against an fp32 scratch for every case: a store fewer per vector,
-  // and sweeps 2 and 3 load half the bytes for bf16 (bf16 forward at BERT size, 1 thread:
-  // 1,940 -> 1,830 us).
-  hraw* __restrict hs =
-      kH == HStore::kPlain ? static_cast<hraw*>(a.h) + r * cols : static_cast<hraw*>(v.h_scratch);
-  hraw* __restrict h_stream = kH == HStore::kStream ? static_cast<hraw*>(a.h) + r * cols : nullptr;
+  hraw* __restrict h = kH != HStore::kNone ? static_cast<hraw*>(a.h) + r * cols : nullptr;
+  // h as stored, written by sweep 1 and read back by sweeps 2 and 3 (kReadHInPlace): from h
+  // itself where it is stored plainly, else from the scratch row.
+  using hread = std::conditional_t<kReadHInPlace, hraw, float>;
+  hread* __restrict hs = kReadHInPlace && kH == HStore::kPlain ? reinterpret_cast<hread*>(h)
+                                                               : static_cast<hread*>(v.h_scratch);
   float* __restrict sum = v.sum;
   const float* __restrict w = v.weight;
   const float* __restrict bias = v.bias;
@@ -369,10 +381,14 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
     FVec t = keep_mul(static_cast<uint32_t>(bits) & kLaneBits, in, scale);
     bits >>= kVecLanes;
     if constexpr (kResidual) t = add_vec(t, load_vec(res + c));
-    if constexpr (kH == HStore::kStream) {
-      t = round_stream_copy(h_stream + c, hs + c, t);
+    if constexpr (!kReadHInPlace) {
+      if constexpr (kH == HStore::kNone) t = round_for(h, t);
+      if constexpr (kH != HStore::kNone) t = round_store<kH == HStore::kStream>(h + c, t);
+      store_vec(hs + c, t);
+    } else if constexpr (kH == HStore::kStream) {
+      t = round_stream_copy(h + c, hs + c, t);
     } else {
-      t = round_store<false>(hs + c, t);
+      t = round_store<false>(hs + c, t);  // h itself, or the scratch row
     }
     return kRms ? mul_vec(t, t) : t;
   });
@@ -420,12 +436,14 @@ void forward_row_vector(const NormForwardArgs& a, const VectorRowArgs& v, int64_
   };
   const uint32_t* __restrict pairs = v.weight_bias;
   const auto with_store = [&](auto store) {
+#if defined(FD_CPU_AVX512)
     if constexpr (std::is_same_v<raw, uint16_t>) {  // bf16: the only dtype with pairs
       if (pairs) {
         return sweep3(store, [=](int64_t c, FVec& wv, FVec& bv)
                                  FD_ALWAYS_INLINE_LAMBDA { load_pairs(pairs + c, wv, bv); });
       }
     }
+#endif
     sweep3(store, [=](int64_t c, FVec& wv, FVec& bv) FD_ALWAYS_INLINE_LAMBDA {
       wv = load_vec(w + c);
       bv = load_vec(bias + c);
@@ -560,7 +578,9 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Lane
   const Vector<acc> input_bias = row_vector<acc, D>(a.input_bias, false, cols, acc(-0.0));
 #ifdef FD_CPU_BLOCK_KERNEL
   Vector<uint32_t> weight_bias;
+#if defined(FD_CPU_AVX512)
   if constexpr (D == DType::kBFloat16) weight_bias = bf16_pairs(weight, bias);
+#endif
 #endif
   const AffineConsts<acc> consts = AffineConsts<acc>::make(a.affine);
   const acc eps = static_cast<acc>(a.eps);
@@ -568,7 +588,7 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Lane
   using T = std::true_type;
   using F = std::false_type;
   parallel_for(0, a.rows, grain, [&](int64_t r0, int64_t r1) {
-    Vector<acc> hv(cols);  // h as stored: in the compute type, or h's dtype (vector rows)
+    Vector<acc> hv(cols);  // h as stored: in the compute type, or as the vector rows read it
     // The contract's stripe accumulators; those past a row shorter than a stripe stay +0.
     alignas(64) acc sum[kMaxGroups * kStripe] = {};
     KeepRange range(stream, a.affine);

@@ -134,11 +134,6 @@ inline FVec keep_mul(uint32_t bits, FVec v, FVec s) {
   return _mm256_and_ps(_mm256_castsi256_ps(set), _mm256_mul_ps(v, s));
 }
 inline FVec splat(float f) { return _mm256_set1_ps(f); }
-inline void load_pairs(const uint32_t* p, FVec& low, FVec& high) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  low = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-  high = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))));
-}
 #endif
 
 inline void store_vec(uint16_t* p, FVec v) { store_halves(p, bf16_pack(v)); }

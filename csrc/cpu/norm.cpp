@@ -181,7 +181,7 @@ enum class HStore { kNone, kPlain, kStream };
 // load/store slots and this forward waits on them: against an fp32 copy of every row, a store
 // fewer per vector and half the bytes loaded for bf16 (bf16 forward at BERT size, 1 thread:
 // 1,940 -> 1,830 us). With AVX2, from an fp32 copy: its bf16 loads take two instructions,
-// and reading h's dtype back made its bf16 forward 3-14% slower (timed on a Zen 4).
+// and reading h's dtype back made its bf16 forward 3-10% slower (timed on a Zen 4).
 #if defined(FD_CPU_AVX512)
 constexpr bool kReadHInPlace = true;
 #else
@@ -206,6 +206,7 @@ struct VectorRowArgs {
 // forward waits on them (bf16 forward at BERT size, 1 thread: 4% faster). Made for bf16
 // inputs on the AVX-512 paths only: fp32 weights are seldom bf16 values, and AVX2's 256-bit
 // loads take one slot.
+#if defined(FD_CPU_AVX512)
 Vector<uint32_t> bf16_pairs(const Vector<float>& weight, const Vector<float>& bias) {
   Vector<uint32_t> pairs(weight.size());
   for (size_t c = 0; c < weight.size(); ++c) {
@@ -217,6 +218,7 @@ Vector<uint32_t> bf16_pairs(const Vector<float>& weight, const Vector<float>& bi
   }
   return pairs;
 }
+#endif
 
 // Outputs larger than this (y, h; the backward's grad_input and grad_h together) are written
 // past the caches: else each line would be read before it is written, and evicted anyway.
@@ -576,11 +578,9 @@ void forward_typed(Variant<D, kWide, kRms>, const NormForwardArgs& a, const Lane
   const Vector<acc> weight = row_vector<acc, D>(a.weight, a.weight_fp32, cols, acc(1));
   const Vector<acc> bias = row_vector<acc, D>(a.bias, a.weight_fp32, cols, acc(-0.0));
   const Vector<acc> input_bias = row_vector<acc, D>(a.input_bias, false, cols, acc(-0.0));
-#ifdef FD_CPU_BLOCK_KERNEL
-  Vector<uint32_t> weight_bias;
+  Vector<uint32_t> weight_bias;  // empty: sweep 3 loads the fp32 weight and bias
 #if defined(FD_CPU_AVX512)
   if constexpr (D == DType::kBFloat16) weight_bias = bf16_pairs(weight, bias);
-#endif
 #endif
   const AffineConsts<acc> consts = AffineConsts<acc>::make(a.affine);
   const acc eps = static_cast<acc>(a.eps);
